@@ -1,0 +1,1 @@
+"""Neural network modules: the packed transformer, its attention backends and step caches."""

@@ -108,3 +108,84 @@ TINY = dataclasses.replace(
     rope_axes_dim=(4, 6, 6),
     image_proj_dim=24,
 )
+
+
+SAMPLERS = ("unipc", "unipc-bh2", "euler")
+
+
+class RequestError(ValueError):
+    """A generation request with out-of-range or missing values; lists every problem at once."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One image-to-video job. Defaults are the official demo's (spec §7). JSON-serialisable."""
+
+    image: str | None = None  # path of the start image
+    prompt: str = ""
+    negative_prompt: str = ""  # used only when cfg > 1
+    seconds: float = 5.0
+    seed: int = 31337
+    steps: int = 25
+    distilled_guidance: float = 10.0  # "gs": goes through the guidance embedder
+    cfg: float = 1.0  # real classifier-free guidance; 1 = off (one model call per step)
+    cfg_rescale: float = 0.0  # "rs"
+    window: int = 9  # latent window size
+    teacache: bool = True
+    teacache_threshold: float = 0.15
+    resolution: int | None = None  # bucket base; None = the model's default (640 for the real models)
+    crf: int = 16
+    sampler: str = "unipc"
+    shift: float | None = None  # explicit flow shift; None = from the sequence length (capped at 7)
+    output: str | None = None  # directory (files named by job id) or a path ending in .mp4
+
+    def validate(self) -> GenerationRequest:
+        p = []
+
+        def rng(name: str, lo: float, hi: float) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (lo <= v <= hi):
+                p.append(f"{name} must be a number in {lo}..{hi}, got {v!r}")
+
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            p.append("prompt is empty: describe the motion, e.g. 'The girl dances gracefully, with clear movements'")
+        if self.image is None:
+            p.append("image is required (image-to-video)")
+        rng("seconds", 0.1, 3600)
+        rng("steps", 1, 100)
+        rng("distilled_guidance", 1, 32)
+        rng("cfg", 1, 32)
+        rng("cfg_rescale", 0, 1)
+        rng("window", 1, 33)
+        rng("crf", 0, 51)
+        rng("teacache_threshold", 0, 1)
+        for name in ("seed", "steps", "window", "crf"):
+            if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
+                p.append(f"{name} must be a whole number, got {getattr(self, name)!r}")
+        if isinstance(self.seed, int) and not 0 <= self.seed < 2**63:
+            p.append(f"seed must be in 0..2^63-1, got {self.seed}")
+        if self.sampler not in SAMPLERS:
+            p.append(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        if self.shift is not None:
+            rng("shift", 0.01, 100)
+        if self.resolution is not None:
+            from framepack.images import ImageError, buckets
+
+            try:
+                buckets(self.resolution)
+            except ImageError as err:
+                p.append(str(err))
+        if p:
+            raise RequestError("invalid request: " + "; ".join(p))
+        return self
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json_dict(cls, d: dict[str, Any]) -> GenerationRequest:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise RequestError(f"unknown request fields {unknown}; accepted: {sorted(known)}")
+        return cls(**d)

@@ -1,11 +1,165 @@
-"""`framepack` command line."""
+"""`framepack` command line: generate, download, selftest. A thin adapter over the engine."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import signal
 import sys
 import tempfile
 import time
+from pathlib import Path
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Exceptions that describe a user's mistake: printed as one line, never as a traceback."""
+    from framepack.config import RequestError
+    from framepack.images import ImageError
+    from framepack.models.attention import AttentionBackendError
+    from framepack.weights import CheckpointError
+
+    return (RequestError, ImageError, CheckpointError, AttentionBackendError)
+
+
+def _add_generate(sub) -> None:
+    from framepack.config import SAMPLERS
+    from framepack.registry import REGISTRY
+
+    p = sub.add_parser("generate", help="image-to-video generation", description="Generate a video from an image.")
+    p.add_argument("--image", help="start image (PNG, JPEG, WebP, ...)")
+    p.add_argument("--prompt", help="what happens in the video")
+    p.add_argument("--negative-prompt", help="used only with --cfg > 1")
+    p.add_argument("--model", default=None, choices=sorted(REGISTRY), help="default: original (tiny with --from none)")
+    p.add_argument("--seconds", type=float, help="video length in seconds (default 5)")
+    p.add_argument("--seed", type=int, help="random seed (default 31337)")
+    p.add_argument("--steps", type=int, help="sampling steps per section (default 25)")
+    p.add_argument("--gs", type=float, dest="distilled_guidance", help="distilled CFG scale (default 10)")
+    p.add_argument("--cfg", type=float, help="real CFG scale; 1 = off (default 1)")
+    p.add_argument("--rs", type=float, dest="cfg_rescale", help="CFG re-scale (default 0)")
+    p.add_argument("--teacache", action=argparse.BooleanOptionalAction, default=None, help="TeaCache (default on)")
+    p.add_argument("--teacache-threshold", type=float, help="TeaCache threshold (default 0.15)")
+    p.add_argument("--window", type=int, help="latent window size (default 9)")
+    p.add_argument("--resolution", type=int, help="bucket base in pixels (640 for the real models, 64 for tiny)")
+    p.add_argument("--crf", type=int, help="MP4 quality, lower is better (default 16)")
+    p.add_argument("--sampler", choices=SAMPLERS, help="default unipc (bh1)")
+    p.add_argument("--shift", type=float, help="explicit flow shift (default: from the resolution, capped at 7)")
+    p.add_argument("--out", dest="output", help="output folder (default ./outputs) or a path ending in .mp4")
+    p.add_argument("--from", dest="from_json", help="re-run the request stored in a result .json (flags override)")
+    p.add_argument("--device", help="cuda, cpu or mps (default: cuda when available)")
+    p.add_argument("--models-dir", help="local copies of the weight repos, laid out as DIR/<org>/<name>")
+    p.add_argument("--offline", action="store_true", help="never download; use cached or local weights only")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_generate)
+
+
+def _build_request(args: argparse.Namespace):
+    from framepack.config import GenerationRequest, RequestError
+
+    base: dict = {}
+    model = args.model
+    if args.from_json:
+        try:
+            stored = json.loads(Path(args.from_json).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise RequestError(f"cannot read {args.from_json}: {err}") from None
+        if "request" not in stored:
+            raise RequestError(f"{args.from_json} is not a FramePack result (no 'request' entry)")
+        base = stored["request"]
+        model = model or stored.get("model", {}).get("name")
+    fields = {f.name for f in dataclasses.fields(GenerationRequest)}
+    overrides = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    request = GenerationRequest.from_json_dict({**base, **overrides})
+    return request.validate(), model or "original"
+
+
+class _Progress:
+    """tqdm bar over all steps of all sections: 'section i/N', step, ETA."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet, self.bar, self.t0 = quiet, None, time.perf_counter()
+
+    def __call__(self, event) -> None:
+        from tqdm import tqdm
+
+        from framepack.events import SectionDone, StageStarted, StepProgress
+
+        if self.quiet:
+            return
+        if isinstance(event, StepProgress):
+            if self.bar is None:
+                self.bar = tqdm(total=event.sections * event.steps, unit="step", dynamic_ncols=True)
+            self.bar.set_description_str(f"section {event.section + 1}/{event.sections}", refresh=False)
+            self.bar.set_postfix_str(f"step {event.step}/{event.steps}", refresh=False)
+            self.bar.update(event.section * event.steps + event.step - self.bar.n)  # redraws once
+        elif isinstance(event, SectionDone):
+            msg = f"section {event.section + 1}/{event.sections} done: {event.frames} frames ({event.seconds:.2f} s)"
+            (self.bar.write if self.bar else print)(f"{msg} -> {event.video}")
+        elif isinstance(event, StageStarted) and event.section is None:
+            print(f"{event.stage} ...", file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import os
+
+    from framepack.events import CancelToken
+    from framepack.images import load_image
+    from framepack.pipeline import check_output, load_pipeline
+
+    request, model = _build_request(args)
+    load_image(request.image)  # fail fast on a bad image or output folder, before loading gigabytes of weights
+    check_output(request)
+    if args.offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    print(f"loading model {model!r} ...", file=sys.stderr)
+    pipe = load_pipeline(model, device=args.device, models_dir=args.models_dir, download=not args.offline)
+    cancel = CancelToken()
+
+    def on_sigint(signum, frame):
+        if cancel.cancelled:
+            raise KeyboardInterrupt
+        print("\ncancelling after this step (Ctrl-C again to stop at once) ...", file=sys.stderr)
+        cancel.cancel()
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    progress = _Progress(args.quiet)
+    try:
+        result = pipe.generate(request, on_event=progress, cancel=cancel)
+    finally:
+        progress.close()
+        signal.signal(signal.SIGINT, previous)
+    took = result.timings.get("total_s", 0.0)
+    if result.video is None:
+        print(f"{result.status}: no section finished; details in {result.metadata}")
+        return 1
+    print(
+        f"{result.status}: {result.video} — {result.frames} frames ({result.seconds:.2f} s at 30 fps), "
+        f"{result.width}x{result.height}, {result.sections_done}/{result.sections} sections in {took:.1f} s; "
+        f"settings in {result.metadata}"
+    )
+    return 0 if result.status == "finished" else 1
+
+
+def _download(args: argparse.Namespace) -> int:
+    from framepack.registry import get_spec, resolve_spec
+
+    spec = get_spec(args.model)
+    if args.models_dir:
+        from huggingface_hub import snapshot_download
+
+        for repo in sorted({s.repo for s in spec.sources.values()}):
+            subs = sorted({s.subfolder for s in spec.sources.values() if s.repo == repo and s.subfolder})
+            patterns = [f"{s}/*" for s in subs] or ["*.json", "*.safetensors"]
+            path = snapshot_download(repo, allow_patterns=patterns, local_dir=Path(args.models_dir) / repo)
+            print(f"{repo} -> {path}")
+        return 0
+    for name, path in resolve_spec(spec, download=True).items():
+        print(f"{name:18s} {path}")
+    return 0
 
 
 def _selftest(args: argparse.Namespace) -> int:
@@ -50,12 +204,23 @@ def _selftest(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="framepack", description="FramePack video generation")
+    from framepack.registry import REGISTRY
+
+    parser = argparse.ArgumentParser(prog="framepack", description="FramePack image-to-video generation")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("selftest", help="check the install on the built-in tiny model (offline, seconds)")
-    p.set_defaults(func=_selftest)
+    _add_generate(sub)
+    d = sub.add_parser("download", help="prefetch a model's weights (HF cache, or --models-dir)")
+    d.add_argument("model", choices=sorted(REGISTRY))
+    d.add_argument("--models-dir", help="download into DIR/<org>/<name> instead of the HF cache")
+    d.set_defaults(func=_download)
+    s = sub.add_parser("selftest", help="check the install on the built-in tiny transformer (offline, seconds)")
+    s.set_defaults(func=_selftest)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except _user_errors() as err:  # a user's mistake: one clear line, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -37,7 +37,9 @@ class TeaCache:
     threshold: float = 0.15
     coefficients: tuple[float, ...] = TEACACHE_COEFFICIENTS
     num_steps: int = 25
-    log: list[tuple[int, str, bool]] = field(default_factory=list)  # (step, pass, computed)
+    log: list[tuple[int, str, bool]] = field(default_factory=list)  # this section: (step, pass, computed)
+    calls: int = 0  # since construction (a whole job), for reporting
+    computed: int = 0
     _passes: dict[str, _PassState] = field(default_factory=dict)
     _step: int | None = None
     _pass: str = "cond"
@@ -77,6 +79,8 @@ class TeaCache:
                 st.accumulated = 0.0
         st.previous = modulated
         self.log.append((step, self._pass, compute))
+        self.calls += 1
+        self.computed += compute
         return compute
 
     def __call__(
@@ -95,4 +99,5 @@ class TeaCache:
 
     @property
     def computed_fraction(self) -> float:
-        return sum(c for *_, c in self.log) / max(1, len(self.log))
+        """Share of forward calls that ran the blocks, over every section since construction."""
+        return self.computed / max(1, self.calls)

@@ -1,0 +1,84 @@
+"""What a generation reports while it runs, and how a caller stops it.
+
+The engine knows nothing of its callers: it calls `on_event(event)` with these typed, immutable
+events (CLI progress bar, UI, HTTP API and job queue all consume the same ones), and checks a
+`CancelToken` between sampler steps.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+class GenerationCancelled(Exception):
+    """Raised inside the engine when its CancelToken is set; the pipeline turns it into `Cancelled`."""
+
+
+class CancelToken:
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def check(self) -> None:
+        if self._event.is_set():
+            raise GenerationCancelled
+
+
+@dataclass(frozen=True)
+class StageStarted:
+    stage: str  # "loading", "text encoding", "image processing", "vae encoding", "image encoding",
+    # "sampling", "decoding", "writing"
+    section: int | None = None  # 0-based generation order, for per-section stages
+    sections: int | None = None
+
+
+@dataclass(frozen=True)
+class StepProgress:
+    section: int
+    sections: int
+    step: int  # 1-based: steps finished in this section
+    steps: int
+    frames_done: int  # pixel frames finished before this section
+    preview: np.ndarray | None = None  # (h, T*w, 3) uint8 latent preview of the section being denoised
+
+    @property
+    def fraction(self) -> float:
+        return (self.section + self.step / self.steps) / self.sections
+
+
+@dataclass(frozen=True)
+class SectionDone:
+    section: int
+    sections: int
+    video: Path  # a playable MP4 of everything generated so far
+    frames: int
+    seconds: float  # video duration so far
+
+
+@dataclass(frozen=True)
+class Finished:
+    result: Any  # pipeline.GenerationResult
+
+
+@dataclass(frozen=True)
+class Cancelled:
+    result: Any  # pipeline.GenerationResult of the finished sections (video None if none finished)
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: str
+
+
+Event = StageStarted | StepProgress | SectionDone | Finished | Cancelled | Failed

@@ -1,0 +1,460 @@
+"""Device memory policy, in bytes: which model stays on the accelerator, which is loaded for its phase
+and evicted after, and which streams its blocks from host memory.
+
+The pipeline only declares what it needs (`with manager.use("transformer"): ...`); this module
+decides. One plan is made per job from the models' sizes, the free device memory and the user's
+"preserved memory" (the official slider: memory to leave free for the rest of the system):
+
+    budget = free - preserved
+    1. everything fits at once (all weights + the largest working set)   -> all RESIDENT (high-VRAM)
+    2. otherwise each model, alone on the device for its phase:
+         weights + working <= budget                                    -> SWAP (load, run, evict)
+         it has blocks: core + working + prefetch slots + as many leading
+         blocks as still fit                                             -> STREAM (k blocks resident)
+         neither                                                         -> MemoryBudgetError
+    3. leftover budget keeps the small SWAP models resident between phases, largest first, as long
+       as the largest phase (the transformer's) still fits beside them.
+
+Every placement carries its declared peak (bytes on the device while that phase runs, resident
+models included) and the plan guarantees peak <= budget. The mechanics live in `ModelSlot`
+(swap: parameters point either at their host copy or at a device copy) and `BlockStreamer`
+(host blocks in pinned memory, copied to a rotating set of device slots on a side stream one block
+ahead of use, so transfer overlaps compute).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+from torch import nn
+
+GiB = 2**30
+
+
+class Mode(str, Enum):
+    RESIDENT = "resident"  # on the device for the whole job
+    SWAP = "swap"  # moved to the device for its phase, evicted after
+    STREAM = "stream"  # core on the device for its phase; blocks streamed (k stay resident)
+
+
+class MemoryBudgetError(RuntimeError):
+    """The device cannot hold even the smallest configuration of some model under the budget."""
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Device bytes a model needs: its weights and its working set while it runs."""
+
+    name: str
+    weight_bytes: int
+    working_bytes: int = 0
+    block_bytes: tuple[int, ...] = ()  # streamable units in execution order (subset of the weights)
+
+    @property
+    def core_bytes(self) -> int:
+        return self.weight_bytes - sum(self.block_bytes)
+
+
+@dataclass(frozen=True)
+class Placement:
+    mode: Mode
+    peak_bytes: int  # device bytes while this model's phase runs (resident models included)
+    resident_blocks: int = 0  # STREAM: leading blocks kept on the device
+    prefetch_slots: int = 0  # STREAM: device buffers blocks are streamed through
+
+
+@dataclass(frozen=True)
+class Plan:
+    budget_bytes: int
+    placements: dict[str, Placement]
+    resident_bytes: int = 0  # bytes of RESIDENT models, present during every phase
+
+    @property
+    def high_vram(self) -> bool:
+        return all(p.mode == Mode.RESIDENT for p in self.placements.values())
+
+    @property
+    def peak_bytes(self) -> int:
+        return max((p.peak_bytes for p in self.placements.values()), default=0)
+
+    def describe(self) -> str:
+        rows = [f"memory plan: budget {self.budget_bytes / GiB:.2f} GiB, declared peak {self.peak_bytes / GiB:.2f} GiB"]
+        for name, p in self.placements.items():
+            extra = f", {p.resident_blocks} blocks resident" if p.mode == Mode.STREAM else ""
+            rows.append(f"  {name:15s} {p.mode.value:8s} peak {p.peak_bytes / GiB:6.2f} GiB{extra}")
+        return "\n".join(rows)
+
+
+def plan_memory(models: Sequence[Footprint], *, free_bytes: int, preserved_bytes: int, prefetch: int = 2) -> Plan:
+    """Decide every model's placement (see the module docstring); peak <= free - preserved always."""
+    budget = free_bytes - preserved_bytes
+    if budget <= 0:
+        raise MemoryBudgetError(
+            f"no device memory to use: {free_bytes / GiB:.2f} GiB free and {preserved_bytes / GiB:.2f} GiB "
+            "preserved; lower the preserved memory"
+        )
+    weights = sum(m.weight_bytes for m in models)
+    working = max((m.working_bytes for m in models), default=0)
+    if weights + working <= budget:
+        return Plan(budget, {m.name: Placement(Mode.RESIDENT, weights + working) for m in models}, weights)
+
+    alone: dict[str, Placement] = {}
+    for m in models:
+        if m.weight_bytes + m.working_bytes <= budget:
+            alone[m.name] = Placement(Mode.SWAP, m.weight_bytes + m.working_bytes)
+        elif m.block_bytes:
+            alone[m.name] = _stream(m, budget, prefetch)
+        else:
+            raise MemoryBudgetError(
+                f"{m.name} needs {(m.weight_bytes + m.working_bytes) / GiB:.2f} GiB on the device and cannot be "
+                f"streamed; the budget is {budget / GiB:.2f} GiB ({free_bytes / GiB:.2f} free - "
+                f"{preserved_bytes / GiB:.2f} preserved). Lower the preserved memory or use a smaller resolution."
+            )
+
+    # Keep small swapped models resident while every phase still fits beside them (largest first:
+    # they cost the most to move each section). `spare` is what the biggest phase leaves unused.
+    spare = budget - max(p.peak_bytes for p in alone.values())
+    resident: set[str] = set()
+    for m in sorted(models, key=lambda m: -m.weight_bytes):
+        if alone[m.name].mode == Mode.SWAP and m.weight_bytes <= spare:
+            resident.add(m.name)
+            spare -= m.weight_bytes
+    kept = sum(m.weight_bytes for m in models if m.name in resident)
+    placements = {}
+    for m in models:
+        p = alone[m.name]
+        if m.name in resident:  # its phase: all resident weights (its own included) + its working set
+            placements[m.name] = Placement(Mode.RESIDENT, kept + m.working_bytes)
+        else:  # its phase: the resident weights + what it needs alone
+            placements[m.name] = Placement(p.mode, kept + p.peak_bytes, p.resident_blocks, p.prefetch_slots)
+    return Plan(budget, placements, kept)
+
+
+def _stream(m: Footprint, budget: int, prefetch: int) -> Placement:
+    slot = max(m.block_bytes)
+    fixed = m.core_bytes + m.working_bytes + prefetch * slot
+    if fixed > budget:
+        raise MemoryBudgetError(
+            f"{m.name} cannot run even fully streamed: its non-block weights, working set and {prefetch} block "
+            f"buffers need {fixed / GiB:.2f} GiB, the budget is {budget / GiB:.2f} GiB. Lower the preserved "
+            "memory or use a smaller resolution."
+        )
+    used, k = fixed, 0
+    for b in m.block_bytes:
+        if used + b > budget:
+            break
+        used += b
+        k += 1
+    if k == len(m.block_bytes):  # everything fits after all: no streaming buffers needed
+        return Placement(Mode.SWAP, m.weight_bytes + m.working_bytes)
+    return Placement(Mode.STREAM, used, k, prefetch)
+
+
+def configure_host_allocator(mmap_threshold: int = 16 * 2**20) -> None:
+    """Make glibc serve allocations above `mmap_threshold` with their own mappings, returned on free.
+
+    By default glibc raises that threshold as the program frees large blocks (up to 32 MiB), after
+    which medium temporaries (a VAE decode makes thousands) live in the heap and fragment it: peak
+    RSS then creeps up from section to section (measured: +12% over 50 sections at 256x256 on CPU;
+    with this setting +1%). Costs some page faults on the CPU path. No-op without glibc.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        libc.mallopt(m_mmap_threshold, mmap_threshold)
+        libc.mallopt(m_trim_threshold, 2 * mmap_threshold)
+    except (OSError, AttributeError):
+        pass
+
+
+def release_host_memory() -> None:
+    """Give freed heap memory back to the OS (glibc keeps it otherwise, and RSS creeps up section by
+    section with the VAE's large temporaries). A no-op where glibc's malloc_trim does not exist."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            import ctypes
+
+            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None
+
+
+# ------------------------------------------------------------------------------------- mechanics
+def _tensors(module: nn.Module) -> list[tuple[nn.Module, str, bool]]:
+    """(owner, attribute name, is parameter) for every parameter and buffer, each listed once."""
+    out, seen = [], set()
+    for owner in module.modules():
+        for name, t in list(owner._parameters.items()) + list(owner._buffers.items()):
+            if t is not None and id(t) not in seen:
+                seen.add(id(t))
+                out.append((owner, name, name in owner._parameters))
+    return out
+
+
+def _get(owner: nn.Module, name: str, is_param: bool) -> torch.Tensor:
+    return owner._parameters[name] if is_param else owner._buffers[name]
+
+
+def _point(owner: nn.Module, name: str, is_param: bool, data: torch.Tensor) -> None:
+    if is_param:
+        owner._parameters[name].data = data
+    else:
+        owner._buffers[name] = data
+
+
+def module_bytes(module: nn.Module) -> int:
+    return sum(_get(*t).numel() * _get(*t).element_size() for t in _tensors(module))
+
+
+class ModelSlot:
+    """A model whose master weights live on the host; `load` points it at a device copy, `evict` back.
+
+    Evicting copies nothing (the host copy never changed) and frees the device memory. On a CUDA
+    device the host copy is pinned so loads can run asynchronously at full bus speed.
+    """
+
+    def __init__(self, module: nn.Module, device: torch.device, *, pin: bool | None = None) -> None:
+        self.module, self.device = module, torch.device(device)
+        self.entries = _tensors(module)
+        pin = self.device.type == "cuda" if pin is None else pin
+        self.host = []
+        for entry in self.entries:
+            t = _get(*entry).data
+            if t.device.type != "cpu":
+                t = t.cpu()
+            if pin and not t.is_pinned():
+                t = t.pin_memory()
+            _point(*entry, t)
+            self.host.append(t)
+        self.loaded = False
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.host)
+
+    def load(self) -> None:
+        if not self.loaded:
+            for entry, t in zip(self.entries, self.host):
+                _point(*entry, t.to(self.device, non_blocking=True, copy=True))
+            self.loaded = True
+
+    def evict(self) -> None:
+        if self.loaded:
+            for entry, t in zip(self.entries, self.host):
+                _point(*entry, t)
+            self.loaded = False
+
+
+class _Flat:
+    """One block's tensors laid out in one host buffer per dtype (a single copy per dtype to stream)."""
+
+    def __init__(self, block: nn.Module, pin: bool) -> None:
+        self.entries = _tensors(block)
+        self.layout: dict[torch.dtype, list[tuple[int, int, torch.Size]]] = {}
+        sizes: dict[torch.dtype, int] = {}
+        for i, entry in enumerate(self.entries):
+            t = _get(*entry)
+            off = sizes.get(t.dtype, 0)
+            self.layout.setdefault(t.dtype, []).append((i, off, t.shape))
+            sizes[t.dtype] = off + t.numel()
+        self.host = {}
+        for dtype, n in sizes.items():
+            buf = torch.empty(n, dtype=dtype, pin_memory=pin)
+            for i, off, _shape in self.layout[dtype]:
+                src = _get(*self.entries[i]).data
+                buf[off : off + src.numel()].copy_(src.reshape(-1))
+            self.host[dtype] = buf
+        self.point_to(self.host)  # the old per-tensor storage is released: still one host copy
+
+    @property
+    def sizes(self) -> dict[torch.dtype, int]:
+        return {d: b.numel() for d, b in self.host.items()}
+
+    def point_to(self, buffers: dict[torch.dtype, torch.Tensor]) -> None:
+        for dtype, items in self.layout.items():
+            for i, off, shape in items:
+                _point(*self.entries[i], buffers[dtype][off : off + shape.numel()].view(shape))
+
+
+class BlockStreamer:
+    """Runs `blocks` (in execution order) with only the first `resident` kept on the device; the rest
+    stream from pinned host memory through `slots` device buffers, one block ahead, on a side stream.
+
+    Correctness does not depend on timing: a block's forward waits for its copy (CUDA event) and a
+    buffer is only overwritten after the block that used it has finished (CUDA event). On a CPU
+    "device" the same bookkeeping runs with synchronous copies, which is how the tests check it.
+    """
+
+    def __init__(self, blocks: list[nn.Module], device: torch.device, resident: int, slots: int = 2) -> None:
+        self.device = torch.device(device)
+        cuda = self.device.type == "cuda"
+        self.resident = [ModelSlot(b, self.device, pin=cuda) for b in blocks[:resident]]
+        self.streamed = blocks[resident:]
+        self.flats = [_Flat(b, pin=cuda) for b in self.streamed]
+        self.n_slots = min(slots, len(self.streamed)) if self.streamed else 0
+        self.copy_stream = torch.cuda.Stream(self.device) if cuda else None
+        self.slot_of: dict[int, int] = {}  # streamed block index -> slot holding it
+        self.holder: list[int | None] = [None] * self.n_slots  # slot -> block index
+        self.last_used = [0] * self.n_slots
+        self.running: int | None = None  # slot of the block whose forward is running
+        self._clock = 0
+        self.slots: list[dict[torch.dtype, torch.Tensor]] = []
+        self.ready: list[object] = []
+        self.free: list[object] = []
+        self.handles: list = []
+        self.copies = 0  # host -> device block copies made (for tests and reports)
+
+    def attach(self) -> None:
+        for r in self.resident:
+            r.load()
+        if not self.streamed:
+            return
+        sizes: dict[torch.dtype, int] = {}
+        for f in self.flats:
+            for d, n in f.sizes.items():
+                sizes[d] = max(sizes.get(d, 0), n)
+        self.slots = [{d: torch.empty(n, dtype=d, device=self.device) for d, n in sizes.items()}
+                      for _ in range(self.n_slots)]  # fmt: skip
+        cuda = self.copy_stream is not None
+        self.ready = [torch.cuda.Event() if cuda else None for _ in range(self.n_slots)]
+        self.free = [torch.cuda.Event() if cuda else None for _ in range(self.n_slots)]
+        for i, block in enumerate(self.streamed):
+            self.handles.append(block.register_forward_pre_hook(lambda m, a, i=i: self._before(i)))
+            self.handles.append(block.register_forward_hook(lambda m, a, o, i=i: self._after(i)))
+        self._prefetch(0)
+
+    def detach(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        if self.copy_stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
+        for f in self.flats:
+            f.point_to(f.host)
+        self.slots, self.slot_of, self.holder = [], {}, [None] * self.n_slots
+        self.running = None
+        for r in self.resident:
+            r.evict()
+
+    def _prefetch(self, i: int) -> None:
+        """Start copying streamed block i into a slot that no running block uses (no-op if it is in one)."""
+        if i in self.slot_of:
+            return
+        free = [s for s in range(self.n_slots) if s != self.running]
+        if not free:  # a single slot, in use: block i is copied when it is about to run
+            return
+        empty = [s for s in free if self.holder[s] is None]
+        slot = empty[0] if empty else min(free, key=lambda s: self.last_used[s])
+        old = self.holder[slot]
+        if old is not None:
+            del self.slot_of[old]
+        self.holder[slot], self.slot_of[i] = i, slot
+        host, dst = self.flats[i].host, self.slots[slot]
+        if self.copy_stream is None:
+            for d, buf in host.items():
+                dst[d][: buf.numel()].copy_(buf)
+        else:
+            with torch.cuda.stream(self.copy_stream):
+                self.copy_stream.wait_event(self.free[slot])  # the previous user of this slot is done
+                for d, buf in host.items():
+                    dst[d][: buf.numel()].copy_(buf, non_blocking=True)
+                self.ready[slot].record(self.copy_stream)
+        self.copies += 1
+
+    def _before(self, i: int) -> None:
+        self._prefetch(i)  # normally already done one block ahead
+        slot = self.slot_of[i]
+        if self.copy_stream is not None:
+            torch.cuda.current_stream(self.device).wait_event(self.ready[slot])
+        self.flats[i].point_to(self.slots[slot])
+        self.running = slot
+        self._prefetch((i + 1) % len(self.streamed))  # the next block (or the first, for the next call)
+
+    def _after(self, i: int) -> None:
+        slot = self.slot_of[i]
+        if self.copy_stream is not None:
+            self.free[slot].record(torch.cuda.current_stream(self.device))
+        self.flats[i].point_to(self.flats[i].host)
+        self.running = None
+        self._clock += 1
+        self.last_used[slot] = self._clock
+
+
+class MemoryManager:
+    """Carries out a Plan: `with manager.use(name):` puts that model where the plan says for the phase.
+
+    `blocks[name]` lists a model's streamable blocks in execution order; the rest of a streamed model
+    (its core) is swapped. RESIDENT models are loaded on first use and stay.
+    """
+
+    def __init__(self, device, plan: Plan, modules: dict[str, nn.Module], blocks: dict[str, list[nn.Module]]):
+        self.device, self.plan = torch.device(device), plan
+        self.slots: dict[str, ModelSlot] = {}
+        self.streamers: dict[str, BlockStreamer] = {}
+        for name, module in modules.items():
+            p = plan.placements[name]
+            if p.mode == Mode.STREAM:
+                block_ids = {id(b) for b in blocks[name]}
+                self.streamers[name] = BlockStreamer(blocks[name], self.device, p.resident_blocks, p.prefetch_slots)
+                self.slots[name] = _CoreSlot(module, self.device, block_ids)
+            else:
+                self.slots[name] = ModelSlot(module, self.device)
+
+    @contextlib.contextmanager
+    def use(self, name: str) -> Iterator[None]:
+        mode = self.plan.placements[name].mode
+        self.slots[name].load()
+        streamer = self.streamers.get(name)
+        if streamer:
+            streamer.attach()
+        try:
+            yield
+        finally:
+            if streamer:
+                streamer.detach()
+            if mode != Mode.RESIDENT:
+                self.slots[name].evict()
+
+    def close(self) -> None:
+        for slot in self.slots.values():
+            slot.evict()
+
+
+class _CoreSlot(ModelSlot):
+    """A ModelSlot over a model's tensors outside its streamed blocks."""
+
+    def __init__(self, module: nn.Module, device: torch.device, block_ids: set[int]) -> None:
+        self.module, self.device = module, torch.device(device)
+        inside = {id(t) for b in module.modules() if id(b) in block_ids for t in _all_tensors(b)}
+        self.entries = [e for e in _tensors(module) if id(_get(*e)) not in inside]
+        pin = self.device.type == "cuda"
+        self.host = []
+        for entry in self.entries:
+            t = _get(*entry).data.cpu()
+            if pin and not t.is_pinned():
+                t = t.pin_memory()
+            _point(*entry, t)
+            self.host.append(t)
+        self.loaded = False
+
+
+def _all_tensors(module: nn.Module) -> list[torch.Tensor]:
+    return [_get(*e) for e in _tensors(module)]
+
+
+__all__ = [
+    "BlockStreamer", "Footprint", "MemoryBudgetError", "MemoryManager", "Mode", "ModelSlot", "Placement", "Plan",
+    "configure_host_allocator", "module_bytes", "plan_memory", "release_host_memory",
+]  # fmt: skip

@@ -83,10 +83,14 @@ def test_siglip_states_and_preprocessing(comps):
     image[:, :48] = 255
     captured = {}
     model = comps.image_encoder.model
-    handle = model.register_forward_hook(lambda m, i, o: captured.setdefault("o", o.last_hidden_state))
-    pre = model.register_forward_pre_hook(
-        lambda m, a, kw: captured.setdefault("px", kw["pixel_values"]), with_kwargs=True
-    )
+    def grab_output(module, args, output):
+        captured["o"] = output.last_hidden_state
+
+    def grab_pixels(module, args, kwargs):
+        captured["px"] = kwargs["pixel_values"]
+
+    handle = model.register_forward_hook(grab_output)
+    pre = model.register_forward_pre_hook(grab_pixels, with_kwargs=True)
     try:
         states = comps.image_encoder.encode(image)
     finally:

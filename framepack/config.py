@@ -189,3 +189,23 @@ class GenerationRequest:
         if unknown:
             raise RequestError(f"unknown request fields {unknown}; accepted: {sorted(known)}")
         return cls(**d)
+
+
+MEMORY_MODES = ("auto", "managed", "off")
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How the engine uses the machine (not what it generates)."""
+
+    preserved_memory_gb: float | None = None  # device memory to leave free; None = automatic
+    fp8: bool = False  # store the transformer blocks' weights as fp8 (halves their memory; lossy)
+    keep_text_encoders: bool = False  # keep LLaMA + CLIP after encoding (more RAM, faster new prompts)
+    memory: str = "auto"  # "auto": manage device memory on accelerators; "managed": also on the CPU; "off"
+    device_free_bytes: int | None = None  # pretend this much device memory is free (tests, planning)
+
+    def __post_init__(self) -> None:
+        if self.memory not in MEMORY_MODES:
+            raise RequestError(f"memory must be one of {MEMORY_MODES}, got {self.memory!r}")
+        if self.preserved_memory_gb is not None and not 0 <= self.preserved_memory_gb <= 1024:
+            raise RequestError(f"preserved memory must be 0..1024 GB, got {self.preserved_memory_gb}")

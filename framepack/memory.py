@@ -35,6 +35,14 @@ from torch import nn
 GiB = 2**30
 
 
+def fmt_bytes(n: float) -> str:
+    """Human-readable size: GiB for big numbers, MiB or KiB for the small test models."""
+    for unit, size in (("GiB", GiB), ("MiB", 2**20)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n / 1024:.1f} KiB"
+
+
 class Mode(str, Enum):
     RESIDENT = "resident"  # on the device for the whole job
     SWAP = "swap"  # moved to the device for its phase, evicted after
@@ -82,10 +90,10 @@ class Plan:
         return max((p.peak_bytes for p in self.placements.values()), default=0)
 
     def describe(self) -> str:
-        rows = [f"memory plan: budget {self.budget_bytes / GiB:.2f} GiB, declared peak {self.peak_bytes / GiB:.2f} GiB"]
+        rows = [f"memory plan: budget {fmt_bytes(self.budget_bytes)}, declared peak {fmt_bytes(self.peak_bytes)}"]
         for name, p in self.placements.items():
             extra = f", {p.resident_blocks} blocks resident" if p.mode == Mode.STREAM else ""
-            rows.append(f"  {name:15s} {p.mode.value:8s} peak {p.peak_bytes / GiB:6.2f} GiB{extra}")
+            rows.append(f"  {name:15s} {p.mode.value:8s} peak {fmt_bytes(p.peak_bytes):>11s}{extra}")
         return "\n".join(rows)
 
 
@@ -94,7 +102,7 @@ def plan_memory(models: Sequence[Footprint], *, free_bytes: int, preserved_bytes
     budget = free_bytes - preserved_bytes
     if budget <= 0:
         raise MemoryBudgetError(
-            f"no device memory to use: {free_bytes / GiB:.2f} GiB free and {preserved_bytes / GiB:.2f} GiB "
+            f"no device memory to use: {fmt_bytes(free_bytes)} free and {fmt_bytes(preserved_bytes)} "
             "preserved; lower the preserved memory"
         )
     weights = sum(m.weight_bytes for m in models)
@@ -110,9 +118,9 @@ def plan_memory(models: Sequence[Footprint], *, free_bytes: int, preserved_bytes
             alone[m.name] = _stream(m, budget, prefetch)
         else:
             raise MemoryBudgetError(
-                f"{m.name} needs {(m.weight_bytes + m.working_bytes) / GiB:.2f} GiB on the device and cannot be "
-                f"streamed; the budget is {budget / GiB:.2f} GiB ({free_bytes / GiB:.2f} free - "
-                f"{preserved_bytes / GiB:.2f} preserved). Lower the preserved memory or use a smaller resolution."
+                f"{m.name} needs {fmt_bytes(m.weight_bytes + m.working_bytes)} on the device and cannot be "
+                f"streamed; the budget is {fmt_bytes(budget)} ({fmt_bytes(free_bytes)} free - "
+                f"{fmt_bytes(preserved_bytes)} preserved). Lower the preserved memory or use a smaller resolution."
             )
 
     # Keep small swapped models resident while every phase still fits beside them (largest first:
@@ -140,7 +148,7 @@ def _stream(m: Footprint, budget: int, prefetch: int) -> Placement:
     if fixed > budget:
         raise MemoryBudgetError(
             f"{m.name} cannot run even fully streamed: its non-block weights, working set and {prefetch} block "
-            f"buffers need {fixed / GiB:.2f} GiB, the budget is {budget / GiB:.2f} GiB. Lower the preserved "
+            f"buffers need {fmt_bytes(fixed)}, the budget is {fmt_bytes(budget)}. Lower the preserved "
             "memory or use a smaller resolution."
         )
     used, k = fixed, 0
@@ -288,6 +296,15 @@ class _Flat:
                 _point(*self.entries[i], buffers[dtype][off : off + shape.numel()].view(shape))
 
 
+def _flat(block: nn.Module, pin: bool) -> _Flat:
+    """The block's flat host layout, made once and kept on the block (jobs re-plan, blocks stay flat)."""
+    flat = getattr(block, "_framepack_flat", None)
+    if flat is None:
+        flat = _Flat(block, pin)
+        object.__setattr__(block, "_framepack_flat", flat)
+    return flat
+
+
 class BlockStreamer:
     """Runs `blocks` (in execution order) with only the first `resident` kept on the device; the rest
     stream from pinned host memory through `slots` device buffers, one block ahead, on a side stream.
@@ -300,9 +317,9 @@ class BlockStreamer:
     def __init__(self, blocks: list[nn.Module], device: torch.device, resident: int, slots: int = 2) -> None:
         self.device = torch.device(device)
         cuda = self.device.type == "cuda"
-        self.resident = [ModelSlot(b, self.device, pin=cuda) for b in blocks[:resident]]
+        self.resident = [_flat(b, pin=cuda) for b in blocks[:resident]]
         self.streamed = blocks[resident:]
-        self.flats = [_Flat(b, pin=cuda) for b in self.streamed]
+        self.flats = [_flat(b, pin=cuda) for b in self.streamed]
         self.n_slots = min(slots, len(self.streamed)) if self.streamed else 0
         self.copy_stream = torch.cuda.Stream(self.device) if cuda else None
         self.slot_of: dict[int, int] = {}  # streamed block index -> slot holding it
@@ -317,8 +334,8 @@ class BlockStreamer:
         self.copies = 0  # host -> device block copies made (for tests and reports)
 
     def attach(self) -> None:
-        for r in self.resident:
-            r.load()
+        for r in self.resident:  # one device copy per dtype for each resident block
+            r.point_to({d: b.to(self.device, non_blocking=True, copy=True) for d, b in r.host.items()})
         if not self.streamed:
             return
         sizes: dict[torch.dtype, int] = {}
@@ -346,7 +363,7 @@ class BlockStreamer:
         self.slots, self.slot_of, self.holder = [], {}, [None] * self.n_slots
         self.running = None
         for r in self.resident:
-            r.evict()
+            r.point_to(r.host)
 
     def _prefetch(self, i: int) -> None:
         """Start copying streamed block i into a slot that no running block uses (no-op if it is in one)."""
@@ -427,6 +444,13 @@ class MemoryManager:
             if mode != Mode.RESIDENT:
                 self.slots[name].evict()
 
+    def drop(self, name: str) -> None:
+        """Forget a model (e.g. text encoders freed after encoding): its weights stay on the host."""
+        slot = self.slots.pop(name, None)
+        if slot is not None:
+            slot.evict()
+        self.streamers.pop(name, None)
+
     def close(self) -> None:
         for slot in self.slots.values():
             slot.evict()
@@ -458,3 +482,64 @@ __all__ = [
     "BlockStreamer", "Footprint", "MemoryBudgetError", "MemoryManager", "Mode", "ModelSlot", "Placement", "Plan",
     "configure_host_allocator", "module_bytes", "plan_memory", "release_host_memory",
 ]  # fmt: skip
+
+
+# ------------------------------------------------------------------------------- device facts
+def device_free_bytes(device: torch.device) -> int:
+    """Free device memory, counting what torch's caching allocator holds but does not use."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type == "mps":
+        return int(torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory())
+    return _available_host_bytes()
+
+
+def device_total_bytes(device: torch.device) -> int:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type == "mps":
+        return int(torch.mps.recommended_max_memory())
+    return _available_host_bytes()
+
+
+def auto_preserved_bytes(total: int) -> int:
+    """Headroom left free in automatic mode: 1.5 GiB plus 5% of the device (display, fragmentation)."""
+    return int(1.5 * GiB + 0.05 * total)
+
+
+def _available_host_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
+    except (OSError, StopIteration):
+        return 8 * GiB
+
+
+def reset_peaks(device: torch.device) -> None:
+    """Start measuring a job's peak device memory and peak host RSS."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS (Linux)
+    except OSError:
+        pass
+
+
+def peaks(device: torch.device) -> tuple[int | None, int | None]:
+    """(peak device bytes or None without CUDA, peak host RSS bytes or None) since `reset_peaks`."""
+    vram = torch.cuda.max_memory_allocated(device) if torch.device(device).type == "cuda" else None
+    try:
+        with open("/proc/self/status") as f:
+            rss = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+    except (OSError, StopIteration):
+        rss = None
+    return vram, rss
+
+
+def current_rss() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS"))

@@ -15,6 +15,7 @@ checks a CancelToken every step; it imports nothing from the front ends.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 
 from framepack import sampling, vae
-from framepack.config import GenerationRequest, RequestError
+from framepack.config import GenerationRequest, RequestError, RuntimeOptions
 from framepack.events import (
     Cancelled,
     CancelToken,
@@ -42,7 +43,7 @@ from framepack.events import (
     StepProgress,
 )
 from framepack.images import prepare_image
-from framepack.memory import release_host_memory
+from framepack.memory import peaks, release_host_memory, reset_peaks
 from framepack.models.caches import TeaCache
 from framepack.sections import FPS, make_schedule, section_count
 from framepack.video import OverlapAssembler, SectionVideoWriter
@@ -63,6 +64,8 @@ class GenerationResult:
     sections: int
     seed: int
     timings: dict
+    peak_vram_bytes: int | None = None  # None without CUDA
+    peak_rss_bytes: int | None = None
 
 
 def job_id() -> str:
@@ -112,15 +115,37 @@ class Pipeline:
         video_path, meta_path = check_output(request)
         timings: dict = {"sections": []}
         t0 = time.perf_counter()
+        reset_peaks(self.device)
 
-        emit(StageStarted("text encoding"))
-        pos = self.c.encode_prompt(request.prompt)
-        neg = self.c.encode_prompt(request.negative_prompt) if request.cfg != 1 else pos.zeros_like()
-        emit(StageStarted("vae encoding"))
-        start = vae.encode(self.c.vae, pixels, torch.Generator().manual_seed(request.seed))
-        emit(StageStarted("image encoding"))
-        siglip = self.c.image_encoder.encode(pixels)
+        prompts = [request.prompt] + ([request.negative_prompt] if request.cfg != 1 else [])
+        need_text = any(self.c.cached_prompt(p) is None for p in prompts)
+        manager = self.c.plan_job(height=height // 8, width=width // 8, window=request.window, with_text=need_text)
+
+        def phase(name: str) -> contextlib.AbstractContextManager:
+            return manager.use(name) if manager is not None else contextlib.nullcontext()
+
+        try:
+            emit(StageStarted("text encoding"))
+            with phase("text_encoder") if need_text else contextlib.nullcontext():
+                pos = self.c.encode_prompt(request.prompt)
+                neg = self.c.encode_prompt(request.negative_prompt) if request.cfg != 1 else pos.zeros_like()
+            if need_text:
+                if manager is not None:
+                    manager.drop("text_encoder")
+                self.c.free_text_encoders()
+            emit(StageStarted("vae encoding"))
+            with phase("vae"):
+                start = vae.encode(self.c.vae, pixels, torch.Generator().manual_seed(request.seed))
+            emit(StageStarted("image encoding"))
+            with phase("image_encoder"):
+                siglip = self.c.image_encoder.encode(pixels)
+        except BaseException:
+            if manager is not None:
+                manager.close()
+            raise
         timings["conditioning_s"] = round(time.perf_counter() - t0, 3)
+        tiling = manager is not None and not manager.plan.high_vram and self.device.type != "cpu"
+        self._plan_text = manager.plan.describe() if manager is not None else None
 
         cond = self.c.transformer_inputs(pos, siglip, request.distilled_guidance)
         uncond = self.c.transformer_inputs(neg, siglip, request.distilled_guidance)
@@ -145,12 +170,15 @@ class Pipeline:
                     kw = cond if pass_name == "cond" else uncond
                     return transformer(hidden_states=x, timestep=t, **kw, **ctx).sample
 
-                latents = self._sample(request, velocity, cache, start.shape, rng, section, len(sections),
-                                       writer.num_frames, emit, cancel)  # fmt: skip
+                with phase("transformer"):
+                    latents = self._sample(request, velocity, cache, start.shape, rng, section, len(sections),
+                                           writer.num_frames, emit, cancel)  # fmt: skip
                 history = schedule.append(history, section, latents)
                 td = time.perf_counter()
                 emit(StageStarted("decoding", section.index, len(sections)))
-                assembler.add(vae.decode(self.c.vae, schedule.to_decode(history, section), tiling=self.c.vae_tiling))
+                with phase("vae"):
+                    pixels_out = vae.decode(self.c.vae, schedule.to_decode(history, section), tiling=tiling)
+                assembler.add(pixels_out)
                 done += 1
                 release_host_memory()  # the decode's temporaries: keep RSS flat from section to section
                 timings["sections"].append(
@@ -164,6 +192,8 @@ class Pipeline:
         finally:
             transformer.step_cache = None
             transformer.clear_section_cache()
+            if manager is not None:
+                manager.close()
         video = None
         try:
             if done:
@@ -175,9 +205,10 @@ class Pipeline:
             status, error = "failed", error or f"{type(err).__name__}: {err}"
         release_host_memory()
         timings["total_s"] = round(time.perf_counter() - t0, 3)
+        peak_vram, peak_rss = peaks(self.device)
         result = GenerationResult(status, video, meta_path, writer.num_frames if video else 0,
                                   (writer.num_frames if video else 0) / FPS, width, height, done, len(sections),
-                                  request.seed, timings)  # fmt: skip
+                                  request.seed, timings, peak_vram, peak_rss)  # fmt: skip
         self._write_metadata(result, request, writer, cache, error)
         if status == "finished":
             emit(Finished(result))
@@ -207,6 +238,8 @@ class Pipeline:
         kwargs = {} if request.sampler == "euler" else {"variant": "bh2" if request.sampler == "unipc-bh2" else "bh1"}
         return run(model, noise, sigmas, callback=progress, check_cancel=cancel.check, **kwargs)
 
+    _plan_text: str | None = None
+
     def _write_metadata(self, result: GenerationResult, request, writer, cache, error) -> None:
         import diffusers
         import transformers
@@ -234,6 +267,9 @@ class Pipeline:
             "sections_done": result.sections_done,
             "effective_crf": writer.effective_crf,
             "teacache_computed_fraction": round(cache.computed_fraction, 3) if cache else None,
+            "peak_vram_bytes": result.peak_vram_bytes,
+            "peak_rss_bytes": result.peak_rss_bytes,
+            "memory_plan": self._plan_text,
             "device": str(self.device),
             "dtype": str(self.c.transformer.dtype).replace("torch.", ""),
             "versions": {
@@ -258,6 +294,7 @@ def load_pipeline(
     models_dir: str | os.PathLike | None = None,
     download: bool = True,
     prompt_cache_dir: str | os.PathLike | None = None,
+    options: RuntimeOptions | None = None,
 ) -> Pipeline:
     """Load the named model (see framepack.registry) onto `device` (default: CUDA if available, else CPU)."""
     from framepack.components import load_components
@@ -266,5 +303,5 @@ def load_pipeline(
     configure_host_allocator()
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     components = load_components(model, dev, dtype=dtype, attention=attention, models_dir=models_dir,
-                                 download=download, prompt_cache_dir=prompt_cache_dir)  # fmt: skip
+                                 download=download, prompt_cache_dir=prompt_cache_dir, options=options)  # fmt: skip
     return Pipeline(components, device=dev)

@@ -94,16 +94,24 @@ def _save_tokenizer(tok, path: Path, max_length: int) -> None:
 
 
 def build_tiny(root: Path, seed: int = SEED) -> None:
+    import transformers
     from diffusers import AutoencoderKLHunyuanVideo
     from transformers import (
         CLIPTextConfig,
         CLIPTextModel,
         LlamaConfig,
         LlamaModel,
-        SiglipImageProcessor,
         SiglipVisionConfig,
         SiglipVisionModel,
     )
+
+    try:
+        from transformers import SiglipImageProcessorPil as SiglipImageProcessor  # no torchvision needed
+    except ImportError:  # transformers < 5: the PIL-based class has the plain name
+        from transformers import SiglipImageProcessor
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
 
     from framepack.models.transformer import FramePackTransformer
     from framepack.weights import save_transformer

@@ -83,6 +83,7 @@ def test_siglip_states_and_preprocessing(comps):
     image[:, :48] = 255
     captured = {}
     model = comps.image_encoder.model
+
     def grab_output(module, args, output):
         captured["o"] = output.last_hidden_state
 

@@ -149,14 +149,20 @@ def test_cancel_before_any_section_leaves_no_video(pipes, image_path, tmp_path):
     assert [p.suffix for p in tmp_path.iterdir()] == [".json"]
 
 
-def test_prompt_cache_skips_text_encoders(home, image_path, tmp_path):
+def test_prompt_cache_skips_text_encoders(home, image_path, tmp_path, monkeypatch):
+    from framepack.components import Components
+
+    loads = []
+    real = Components.text_encoder
+    monkeypatch.setattr(Components, "text_encoder", lambda self: loads.append(1) or real(self))
     cache = tmp_path / "prompts"
     first = load_pipeline("tiny", device="cpu", prompt_cache_dir=cache)
     first.generate(_request(image_path, tmp_path / "a"))
-    assert first.c._text is not None  # encoded once
+    assert len(loads) == 1 and first.c._text is None  # loaded for the new prompt, freed after encoding
+    first.generate(_request(image_path, tmp_path / "a"))
     second = load_pipeline("tiny", device="cpu", prompt_cache_dir=cache)  # a new process would look the same
     second.generate(_request(image_path, tmp_path / "b"))
-    assert second.c._text is None  # the text encoders were never loaded
+    assert len(loads) == 1  # the same prompt never loads the text encoders again
     assert len(list(cache.glob("*.safetensors"))) == 1
 
 
@@ -185,3 +191,95 @@ def test_stage_events_name_sections(pipes, image_path, tmp_path):
     pipes["tiny"].generate(_request(image_path, tmp_path, seconds=seconds_for(2)), events.append)
     stages = [(e.stage, e.section) for e in events if isinstance(e, StageStarted) and e.section is not None]
     assert stages == [("sampling", 0), ("decoding", 0), ("sampling", 1), ("decoding", 1)]
+
+
+# ------------------------------------------------------------------------- managed device memory
+PLANS = {  # phase -> (mode, resident blocks); every mechanism on every model
+    "streamed": {"transformer": ("stream", 0), "text_encoder": ("stream", 1), "vae": ("swap", 0),
+                 "image_encoder": ("swap", 0)},
+    "mixed": {"transformer": ("stream", 2), "text_encoder": ("swap", 0), "vae": ("resident", 0),
+              "image_encoder": ("resident", 0)},
+    "high_vram": None,  # what the planner decides with 64 GiB free: everything resident
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("plan_name", sorted(PLANS))
+def test_managed_memory_gives_identical_latents(home, image_path, tmp_path, monkeypatch, plan_name):
+    """Unmanaged vs managed runs (forced plans: streamed transformer and LLaMA, swapped and resident
+    models): the decoded latents must be bitwise identical, and the weights back on the host after."""
+    import framepack.components as comp
+    from framepack.config import RuntimeOptions
+    from framepack.memory import Mode, Placement, Plan
+
+    seen = _capture_latents(monkeypatch)
+    req = _request(image_path, tmp_path, seconds=seconds_for(2), prompt=f"managed {plan_name}")
+    load_pipeline("tiny", device="cpu").generate(req)
+    expected = list(seen)
+    seen.clear()
+    plans = []
+    real_plan = comp.plan_memory
+
+    def forced(footprints, **kw):
+        plan = real_plan(footprints, **kw)
+        if PLANS[plan_name] is not None:
+            placed = {n: Placement(Mode(m), 1, k, 2) for n, (m, k) in PLANS[plan_name].items()}
+            plan = Plan(plan.budget_bytes, {f.name: placed[f.name] for f in footprints})
+        plans.append(plan)
+        return plan
+
+    monkeypatch.setattr(comp, "plan_memory", forced)
+    opts = RuntimeOptions(memory="managed", device_free_bytes=64 * 2**30)
+    pipe = load_pipeline("tiny", device="cpu", options=opts, prompt_cache_dir=tmp_path / "pc")  # encode anew
+    result = pipe.generate(req)
+    assert result.status == "finished" and len(seen) == len(expected) == 2
+    assert all(torch.equal(a, b) for a, b in zip(expected, seen))
+    assert {f for f in plans[0].placements} == {"transformer", "text_encoder", "vae", "image_encoder"}
+    assert plans[0].high_vram == (plan_name == "high_vram")
+    meta = json.loads(result.metadata.read_text())
+    assert "memory plan" in meta["memory_plan"] and meta["peak_rss_bytes"] > 0
+    for p in pipe.c.transformer.parameters():
+        assert p.device.type == "cpu"
+
+
+def test_impossible_budget_is_one_clear_error(home, image_path, tmp_path):
+    from framepack.config import RuntimeOptions
+    from framepack.memory import MemoryBudgetError
+
+    pipe = load_pipeline("tiny", device="cpu", options=RuntimeOptions(memory="managed", device_free_bytes=20_000))
+    with pytest.raises(MemoryBudgetError, match="cannot run even fully streamed"):
+        pipe.generate(_request(image_path, tmp_path))
+    assert not list(tmp_path.glob("*.mp4"))
+
+
+_RSS_JOB = """
+import gc, json, sys, numpy as np
+from PIL import Image
+from framepack.config import GenerationRequest
+from framepack.memory import current_rss, release_host_memory
+from framepack.pipeline import load_pipeline
+img = sys.argv[1]
+Image.fromarray((np.random.default_rng(0).random((256, 256, 3)) * 255).astype(np.uint8)).save(img)
+pipe = load_pipeline("tiny-f1", device="cpu")
+def settled():
+    gc.collect(); release_host_memory(); return current_rss()
+def job(prompt):
+    return pipe.generate(GenerationRequest(image=img, prompt=prompt, steps=2, seconds=2.4, resolution=256,
+                                           output=sys.argv[2], teacache=False))
+job("warm up")  # first use maps the video codec libraries etc. once; the idle level is after that
+before = settled()
+r = job("a new prompt")  # a new prompt: the text encoders are loaded and freed again
+after = settled()
+print(json.dumps({"before": before, "after": after, "peak": r.peak_rss_bytes}))
+"""
+
+
+def test_host_rss_returns_to_idle_after_a_job(home, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _RSS_JOB, str(tmp_path / "i.png"), str(tmp_path / "o")],
+                         capture_output=True, text=True, check=True, env={**os.environ})  # fmt: skip
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["peak"] - r["before"] > 100 * 2**20  # the job's temporaries were large enough to notice
+    assert r["after"] <= 1.05 * r["before"], r

@@ -16,10 +16,11 @@ def _user_errors() -> tuple[type[Exception], ...]:
     """Exceptions that describe a user's mistake: printed as one line, never as a traceback."""
     from framepack.config import RequestError
     from framepack.images import ImageError
+    from framepack.memory import MemoryBudgetError
     from framepack.models.attention import AttentionBackendError
     from framepack.weights import CheckpointError
 
-    return (RequestError, ImageError, CheckpointError, AttentionBackendError)
+    return (RequestError, ImageError, CheckpointError, AttentionBackendError, MemoryBudgetError)
 
 
 def _add_generate(sub) -> None:
@@ -49,6 +50,16 @@ def _add_generate(sub) -> None:
     p.add_argument("--device", help="cuda, cpu or mps (default: cuda when available)")
     p.add_argument("--models-dir", help="local copies of the weight repos, laid out as DIR/<org>/<name>")
     p.add_argument("--offline", action="store_true", help="never download; use cached or local weights only")
+    p.add_argument(
+        "--preserved-memory",
+        type=float,
+        metavar="GB",
+        help="device memory to leave free (official default 6; default: automatic)",
+    )
+    p.add_argument("--fp8", action="store_true", help="store transformer block weights in fp8 (half the memory; lossy)")
+    p.add_argument("--keep-text-encoders", action="store_true", help="keep LLaMA/CLIP loaded after encoding")
+    p.add_argument("--memory", choices=["auto", "managed", "off"], default="auto",
+                   help="device memory management (auto: on accelerators)")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_generate)
 
@@ -106,6 +117,7 @@ class _Progress:
 def _generate(args: argparse.Namespace) -> int:
     import os
 
+    from framepack.config import RuntimeOptions
     from framepack.events import CancelToken
     from framepack.images import load_image
     from framepack.pipeline import check_output, load_pipeline
@@ -116,7 +128,10 @@ def _generate(args: argparse.Namespace) -> int:
     if args.offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
     print(f"loading model {model!r} ...", file=sys.stderr)
-    pipe = load_pipeline(model, device=args.device, models_dir=args.models_dir, download=not args.offline)
+    options = RuntimeOptions(preserved_memory_gb=args.preserved_memory, fp8=args.fp8,
+                             keep_text_encoders=args.keep_text_encoders, memory=args.memory)  # fmt: skip
+    pipe = load_pipeline(model, device=args.device, models_dir=args.models_dir, download=not args.offline,
+                         options=options)  # fmt: skip
     cancel = CancelToken()
 
     def on_sigint(signum, frame):
@@ -136,10 +151,13 @@ def _generate(args: argparse.Namespace) -> int:
     if result.video is None:
         print(f"{result.status}: no section finished; details in {result.metadata}")
         return 1
+    mem = f"peak host RAM {result.peak_rss_bytes / 2**30:.2f} GiB" if result.peak_rss_bytes else ""
+    if result.peak_vram_bytes is not None:
+        mem += f", peak VRAM {result.peak_vram_bytes / 2**30:.2f} GiB"
     print(
         f"{result.status}: {result.video} — {result.frames} frames ({result.seconds:.2f} s at 30 fps), "
         f"{result.width}x{result.height}, {result.sections_done}/{result.sections} sections in {took:.1f} s; "
-        f"settings in {result.metadata}"
+        f"{mem}; settings in {result.metadata}"
     )
     return 0 if result.status == "finished" else 1
 

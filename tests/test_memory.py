@@ -77,10 +77,18 @@ def test_declared_peak_never_exceeds_budget(free, preserved):
 def test_impossible_budgets_say_why():
     with pytest.raises(MemoryBudgetError, match=r"no device memory to use: 6\.00 GiB free and 6\.00 GiB preserved"):
         plan_memory(MODELS, free_bytes=G(6), preserved_bytes=G(6))
+    transformer = MODELS[-1]
     with pytest.raises(MemoryBudgetError, match="transformer cannot run even fully streamed"):
-        plan_memory(MODELS, free_bytes=G(8), preserved_bytes=G(4.4))  # budget 3.6: VAE fits, transformer not
+        plan_memory([transformer], free_bytes=G(3.4), preserved_bytes=0)  # 1 core + 2 working + 1 slot = 3.5
     with pytest.raises(MemoryBudgetError, match=r"vae needs 3\.50 GiB on the device and cannot be streamed"):
         plan_memory([Footprint("vae", GiB // 2, 3 * GiB)], free_bytes=G(3), preserved_bytes=0)
+
+
+def test_one_slot_when_two_do_not_fit():
+    """Budget 3.75: core 1 + working 2 + two 0.5 slots = 4 does not fit; one slot (no overlap) does."""
+    plan = plan_memory([MODELS[-1]], free_bytes=G(3.75), preserved_bytes=0)
+    p = plan.placements["transformer"]
+    assert (p.mode, p.prefetch_slots, p.resident_blocks, p.peak_bytes) == (Mode.STREAM, 1, 0, G(3.5))
 
 
 def test_describe_lists_every_model():

@@ -88,12 +88,12 @@ class Components:
 
     def text_encoder(self) -> TextEncoder:
         if self._text is None:
-            from transformers import AutoTokenizer, CLIPTextModel, LlamaModel
+            from transformers import AutoTokenizer, CLIPTextModel
 
             _quiet_transformers()
             p, dt, dev = self.paths, self.encoder_dtype, self.host
             self._text = TextEncoder(
-                LlamaModel.from_pretrained(p["text_encoder"], torch_dtype=dt).to(dev).eval().requires_grad_(False),
+                _load_llama(p["text_encoder"], dt, dev),
                 AutoTokenizer.from_pretrained(p["tokenizer"]),
                 CLIPTextModel.from_pretrained(p["text_encoder_2"], torch_dtype=dt).to(dev).eval().requires_grad_(False),
                 AutoTokenizer.from_pretrained(p["tokenizer_2"]),
@@ -174,6 +174,28 @@ class Components:
             tokens = (c.image_size // c.patch_size) ** 2 + 1
             working = tokens * (6 * c.hidden_size + 2 * c.intermediate_size) * 4 + tokens**2 * c.num_attention_heads * 4
         return Footprint(name, weights, int(working), block_bytes)
+
+
+def _load_llama(path: Path, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """LLaMA whose weights are zero-copy views of its memory-mapped safetensors when they are stored in
+    `dtype` (the official fp16 on CUDA): no host copy of the 8B model exists, pages come and go with
+    use. Otherwise (a dtype conversion is needed) a normal load."""
+    from accelerate import init_empty_weights
+    from transformers import LlamaConfig, LlamaModel
+
+    from framepack.weights import map_tensors
+
+    tensors = map_tensors(path)
+    if {t.dtype for t in tensors.values()} == {dtype}:
+        with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (RoPE) real
+            model = LlamaModel(LlamaConfig.from_pretrained(path))
+        try:
+            model.load_state_dict(tensors, strict=True, assign=True)
+            return model.to(device).eval().requires_grad_(False)
+        except RuntimeError:  # another key layout: fall back to the library's loader
+            pass
+    tensors.clear()
+    return LlamaModel.from_pretrained(path, torch_dtype=dtype).to(device).eval().requires_grad_(False)
 
 
 def default_cache_dir() -> Path:

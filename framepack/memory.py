@@ -32,6 +32,8 @@ from enum import Enum
 import torch
 from torch import nn
 
+from framepack.weights import is_mapped, release_pages
+
 GiB = 2**30
 
 
@@ -244,7 +246,7 @@ class ModelSlot:
             t = _get(*entry).data
             if t.device.type != "cpu":
                 t = t.cpu()
-            if pin and not t.is_pinned():
+            if pin and not t.is_pinned() and not is_mapped(t):  # pinning a mapped file would copy it
                 t = t.pin_memory()
             _point(*entry, t)
             self.host.append(t)
@@ -258,6 +260,7 @@ class ModelSlot:
         if not self.loaded:
             for entry, t in zip(self.entries, self.host):
                 _point(*entry, t.to(self.device, non_blocking=True, copy=True))
+                release_pages(t)  # a mapped checkpoint's pages: copied, so drop them from RSS
             self.loaded = True
 
     def evict(self) -> None:
@@ -411,6 +414,39 @@ class BlockStreamer:
         self.last_used[slot] = self._clock
 
 
+class SwapStreamer:
+    """Streams blocks whose host weights are memory-mapped (the text encoder): each block is copied to
+    the device right before its forward (its pages released) and dropped after; the first `resident`
+    stay for the phase. No prefetch: a pinned staging copy of an 8B model is what this avoids, and it
+    runs once per new prompt."""
+
+    def __init__(self, blocks: list[nn.Module], device: torch.device, resident: int) -> None:
+        self.resident = [ModelSlot(b, device, pin=False) for b in blocks[:resident]]
+        self.streamed = [(b, ModelSlot(b, device, pin=False)) for b in blocks[resident:]]
+        self.handles: list = []
+        self.copies = 0
+
+    def attach(self) -> None:
+        for r in self.resident:
+            r.load()
+        for block, slot in self.streamed:
+            self.handles.append(block.register_forward_pre_hook(lambda m, a, s=slot: self._load(s)))
+            self.handles.append(block.register_forward_hook(lambda m, a, o, s=slot: s.evict()))
+
+    def _load(self, slot: ModelSlot) -> None:
+        slot.load()
+        self.copies += 1
+
+    def detach(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        for _, slot in self.streamed:
+            slot.evict()
+        for r in self.resident:
+            r.evict()
+
+
 class MemoryManager:
     """Carries out a Plan: `with manager.use(name):` puts that model where the plan says for the phase.
 
@@ -426,7 +462,12 @@ class MemoryManager:
             p = plan.placements[name]
             if p.mode == Mode.STREAM:
                 block_ids = {id(b) for b in blocks[name]}
-                self.streamers[name] = BlockStreamer(blocks[name], self.device, p.resident_blocks, p.prefetch_slots)
+                mapped = any(is_mapped(t) for b in blocks[name] for t in _all_tensors(b))
+                self.streamers[name] = (
+                    SwapStreamer(blocks[name], self.device, p.resident_blocks)
+                    if mapped
+                    else BlockStreamer(blocks[name], self.device, p.resident_blocks, p.prefetch_slots)
+                )
                 self.slots[name] = _CoreSlot(module, self.device, block_ids)
             else:
                 self.slots[name] = ModelSlot(module, self.device)
@@ -469,7 +510,7 @@ class _CoreSlot(ModelSlot):
         self.host = []
         for entry in self.entries:
             t = _get(*entry).data.cpu()
-            if pin and not t.is_pinned():
+            if pin and not t.is_pinned() and not is_mapped(t):
                 t = t.pin_memory()
             _point(*entry, t)
             self.host.append(t)

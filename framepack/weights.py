@@ -22,6 +22,7 @@ import math
 import mmap
 import os
 import re
+import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,6 +125,9 @@ class _MappedFile:
         self.header = header
         with open(header.path, "rb") as f:
             self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        base = torch.frombuffer(self.map, dtype=torch.uint8, count=1).data_ptr()
+        _MAPPINGS[:] = [m for m in _MAPPINGS if m[2]() is not None]
+        _MAPPINGS.append((base, len(self.map), weakref.ref(self.map)))  # lives as long as a tensor uses it
 
     def tensor(self, name: str) -> torch.Tensor:
         info = self.header.tensors[name]
@@ -143,6 +147,60 @@ class _MappedFile:
         end = (info.begin + info.nbytes) // page * page
         if end > start and hasattr(mmap, "MADV_DONTNEED"):
             self.map.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+
+_MAPPINGS: list[tuple[int, int, weakref.ref]] = []  # (base address, length, the mmap) of live mappings
+
+
+def _mapping_of(tensor: torch.Tensor) -> tuple[int, mmap.mmap] | None:
+    ptr = tensor.data_ptr()
+    for base, length, ref in _MAPPINGS:
+        mm = ref()
+        if mm is not None and base <= ptr < base + length:
+            return base, mm
+    return None
+
+
+def is_mapped(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is a zero-copy view of a memory-mapped checkpoint (see `map_tensors`)."""
+    return tensor.device.type == "cpu" and _mapping_of(tensor) is not None
+
+
+def release_pages(tensor: torch.Tensor) -> bool:
+    """If `tensor` lives in a memory-mapped checkpoint, drop its pages from this process's RSS (they
+    are re-read from the page cache or disk if touched again). True if it was mapped."""
+    found = _mapping_of(tensor) if tensor.device.type == "cpu" else None
+    if found is None:
+        return False
+    base, mm = found
+    ptr, n, page = tensor.data_ptr(), tensor.numel() * tensor.element_size(), mmap.PAGESIZE
+    start = (ptr - base + page - 1) // page * page
+    end = (ptr - base + n) // page * page
+    if end > start and hasattr(mmap, "MADV_DONTNEED"):
+        mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+    return True
+
+
+def map_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors files in `directory` as a zero-copy view of a private mapping.
+
+    Nothing is read until a tensor is used; the mappings live as long as the tensors do. Used for the
+    8B text encoder, which runs once per new prompt: its weights never become a second host copy.
+    """
+    directory = Path(directory)
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted({directory / f for f in json.loads(index.read_text())["weight_map"].values()})
+    else:
+        files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"no safetensors files in {directory}")
+    out = {}
+    for path in files:
+        mapped = _MappedFile(read_header(path))
+        for name in mapped.header.tensors:
+            out[name] = mapped.tensor(name)
+    return out
 
 
 # -------------------------------------------------------------------------------- locating files

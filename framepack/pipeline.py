@@ -17,20 +17,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
-import platform
-import random
+import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from framepack import sampling, vae
+from framepack import jobstate, sampling, vae
 from framepack.config import GenerationRequest, RequestError, RuntimeOptions
 from framepack.events import (
     Cancelled,
@@ -45,48 +41,11 @@ from framepack.events import (
 from framepack.images import prepare_image
 from framepack.memory import peaks, release_host_memory, reset_peaks
 from framepack.models.caches import TeaCache
+from framepack.outputs import GenerationResult, check_output, write_metadata
 from framepack.sections import FPS, make_schedule, section_count
 from framepack.video import OverlapAssembler, SectionVideoWriter
 
 EventCallback = Callable[[object], None]
-
-
-@dataclass(frozen=True)
-class GenerationResult:
-    status: str  # "finished" | "cancelled" | "failed"
-    video: Path | None
-    metadata: Path
-    frames: int
-    seconds: float  # video duration
-    width: int
-    height: int
-    sections_done: int
-    sections: int
-    seed: int
-    timings: dict
-    peak_vram_bytes: int | None = None  # None without CUDA
-    peak_rss_bytes: int | None = None
-
-
-def job_id() -> str:
-    """Official naming: %y%m%d_%H%M%S_mmm_rand."""
-    now = datetime.now()
-    return f"{now:%y%m%d_%H%M%S}_{now.microsecond // 1000:03d}_{random.randint(0, 9999)}"
-
-
-def check_output(request: GenerationRequest) -> tuple[Path, Path]:
-    """(video path, sidecar path) for a request; RequestError if the folder cannot be written."""
-    target = Path(request.output or "outputs").expanduser()
-    video = target if target.suffix.lower() == ".mp4" else target / f"{job_id()}.mp4"
-    folder = video.parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".framepack-write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise RequestError(f"cannot write to output folder {folder}: {err.strerror or err}") from None
-    return video, video.with_suffix(".json")
 
 
 class Pipeline:
@@ -103,16 +62,27 @@ class Pipeline:
         cancel: CancelToken | None = None,
         *,
         image: np.ndarray | None = None,
+        state_dir: str | os.PathLike | None = None,
     ) -> GenerationResult:
-        """Run one job. `image` (uint8 HWC) may replace `request.image` for in-process callers."""
+        """Run one job. `image` (uint8 HWC) may replace `request.image` for in-process callers.
+
+        `state_dir`: make the job resumable. State is saved there after every finished section; if
+        the folder already holds a saved state for the same request, the job continues from it (the
+        result equals an uninterrupted run's). Removed when the job finishes.
+        """
         emit = on_event or (lambda event: None)
         cancel = cancel or CancelToken()
         if image is not None and request.image is None:
             request = dataclasses.replace(request, image="<array>")
         request.validate()
+        saved = jobstate.load(state_dir) if jobstate.exists(state_dir) else None
+        if saved is not None and (saved.request != request.to_json_dict() or saved.model != self.spec.name):
+            raise RequestError(f"{state_dir} holds a different job's state (another request or model); cannot resume")
         base = request.resolution or self.spec.default_resolution
         pixels, (height, width) = prepare_image(image if image is not None else request.image, base)
-        video_path, meta_path = check_output(request)
+        video_path, meta_path = (
+            check_output(request) if saved is None else (saved.video, saved.video.with_suffix(".json"))
+        )
         timings: dict = {"sections": []}
         t0 = time.perf_counter()
         reset_peaks(self.device)
@@ -125,20 +95,7 @@ class Pipeline:
             return manager.use(name) if manager is not None else contextlib.nullcontext()
 
         try:
-            emit(StageStarted("text encoding"))
-            with phase("text_encoder") if need_text else contextlib.nullcontext():
-                pos = self.c.encode_prompt(request.prompt)
-                neg = self.c.encode_prompt(request.negative_prompt) if request.cfg != 1 else pos.zeros_like()
-            if need_text:
-                if manager is not None:
-                    manager.drop("text_encoder")
-                self.c.free_text_encoders()
-            emit(StageStarted("vae encoding"))
-            with phase("vae"):
-                start = vae.encode(self.c.vae, pixels, torch.Generator().manual_seed(request.seed))
-            emit(StageStarted("image encoding"))
-            with phase("image_encoder"):
-                siglip = self.c.image_encoder.encode(pixels)
+            pos, neg, start, siglip = self._condition(request, pixels, phase, manager, need_text, emit)
         except BaseException:
             if manager is not None:
                 manager.close()
@@ -151,16 +108,26 @@ class Pipeline:
         uncond = self.c.transformer_inputs(neg, siglip, request.distilled_guidance)
         schedule = make_schedule(self.spec.schedule, request.window)
         sections = schedule.sections(section_count(request.seconds, request.window))
-        history = schedule.start(start)
-        writer = SectionVideoWriter(video_path, fps=FPS, crf=request.crf)
-        assembler = OverlapAssembler(writer, schedule.overlap(), schedule.direction)
         rng = torch.Generator("cpu").manual_seed(request.seed)
+        parts = Path(state_dir) / jobstate.SEGMENTS if state_dir is not None else None
+        if saved is None:
+            history, done = schedule.start(start), 0
+            writer = SectionVideoWriter(video_path, fps=FPS, crf=request.crf, parts_dir=parts)
+        else:
+            history, done = saved.history, saved.sections_done
+            rng.set_state(saved.rng_state)
+            writer = SectionVideoWriter.restore(video_path, saved.writer, parts)
+        assembler = OverlapAssembler(writer, schedule.overlap(), schedule.direction)
+        if done:  # the edge still to be cross-faded: re-decoded from the last finished section's latents
+            with phase("vae"):
+                last = vae.decode(self.c.vae, schedule.to_decode(history, sections[done - 1]), tiling=tiling)
+            assembler.restore(last, done)
         cache = TeaCache(request.teacache_threshold) if request.teacache else None
         transformer = self.c.transformer
         transformer.step_cache = cache
-        done, status, error = 0, "finished", None
+        status, error = "finished", None
         try:
-            for section in sections:
+            for section in sections[done:]:
                 cancel.check()
                 ts = time.perf_counter()
                 ctx = {k: v.to(self.device, transformer.dtype) if v.is_floating_point() else v.to(self.device)
@@ -177,9 +144,12 @@ class Pipeline:
                 td = time.perf_counter()
                 emit(StageStarted("decoding", section.index, len(sections)))
                 with phase("vae"):
-                    pixels_out = vae.decode(self.c.vae, schedule.to_decode(history, section), tiling=tiling)
-                assembler.add(pixels_out)
+                    decoded = vae.decode(self.c.vae, schedule.to_decode(history, section), tiling=tiling)
+                assembler.add(decoded)
                 done += 1
+                if state_dir is not None:
+                    jobstate.save(state_dir, request=request.to_json_dict(), model=self.spec.name, sections_done=done,
+                                  video=video_path, writer=writer.state(), history=history, rng=rng)  # fmt: skip
                 release_host_memory()  # the decode's temporaries: keep RSS flat from section to section
                 timings["sections"].append(
                     {"sample_s": round(td - ts, 3), "decode_write_s": round(time.perf_counter() - td, 3)}
@@ -194,22 +164,18 @@ class Pipeline:
             transformer.clear_section_cache()
             if manager is not None:
                 manager.close()
-        video = None
-        try:
-            if done:
-                video = assembler.finish()
-            else:
-                writer.abort()
-        except Exception as err:  # keep the first error if there was one
-            writer.abort()
-            status, error = "failed", error or f"{type(err).__name__}: {err}"
+        video = self._close_video(status, done, assembler, writer, state_dir)
+        if video is None and status == "finished":
+            status, error = "failed", "the video could not be written"
         release_host_memory()
         timings["total_s"] = round(time.perf_counter() - t0, 3)
         peak_vram, peak_rss = peaks(self.device)
-        result = GenerationResult(status, video, meta_path, writer.num_frames if video else 0,
-                                  (writer.num_frames if video else 0) / FPS, width, height, done, len(sections),
+        frames = writer.num_frames if video else 0
+        result = GenerationResult(status, video, meta_path, frames, frames / FPS, width, height, done, len(sections),
                                   request.seed, timings, peak_vram, peak_rss)  # fmt: skip
-        self._write_metadata(result, request, writer, cache, error)
+        write_metadata(
+            result, request, self.spec, writer, cache, error, self.device, self.c.transformer.dtype, self._plan_text
+        )
         if status == "finished":
             emit(Finished(result))
         elif status == "cancelled":
@@ -218,6 +184,45 @@ class Pipeline:
             emit(Failed(error))
             raise RuntimeError(f"generation failed: {error} (partial results: {meta_path})")
         return result
+
+    def _condition(self, request, pixels, phase, manager, need_text, emit):
+        """Prompt embeddings (cached by prompt), the start latent (seeded) and the SigLIP states."""
+        emit(StageStarted("text encoding"))
+        with phase("text_encoder") if need_text else contextlib.nullcontext():
+            pos = self.c.encode_prompt(request.prompt)
+            neg = self.c.encode_prompt(request.negative_prompt) if request.cfg != 1 else pos.zeros_like()
+        if need_text:
+            if manager is not None:
+                manager.drop("text_encoder")
+            self.c.free_text_encoders()
+        emit(StageStarted("vae encoding"))
+        with phase("vae"):
+            start = vae.encode(self.c.vae, pixels, torch.Generator().manual_seed(request.seed))
+        emit(StageStarted("image encoding"))
+        with phase("image_encoder"):
+            siglip = self.c.image_encoder.encode(pixels)
+        return pos, neg, start, siglip
+
+    @staticmethod
+    def _close_video(status, done, assembler, writer, state_dir) -> Path | None:
+        """Finished: the final MP4 (state removed). Stopped early: a playable MP4 of the finished sections;
+        a resumable job keeps its last snapshot and segments for a resume instead."""
+        try:
+            if status == "finished":
+                video = assembler.finish() if done else None
+                if state_dir is not None:
+                    shutil.rmtree(state_dir, ignore_errors=True)
+                return video
+            if not done:
+                writer.abort()
+                return None
+            if state_dir is not None:
+                writer.keep_segments()  # the snapshot written after the last section stays playable
+                return writer.path
+            return assembler.finish()
+        except Exception:
+            writer.abort()
+            return None
 
     def _sample(self, request, velocity, cache, start_shape, rng, section, count, frames_done, emit, cancel):
         b, c, _, h, w = start_shape
@@ -239,50 +244,6 @@ class Pipeline:
         return run(model, noise, sigmas, callback=progress, check_cancel=cancel.check, **kwargs)
 
     _plan_text: str | None = None
-
-    def _write_metadata(self, result: GenerationResult, request, writer, cache, error) -> None:
-        import diffusers
-        import transformers
-
-        import framepack
-
-        meta = {
-            "framepack_version": framepack.__version__,
-            "status": result.status,
-            "error": error,
-            "created": datetime.now().isoformat(timespec="seconds"),
-            "request": request.to_json_dict(),
-            "model": {
-                "name": self.spec.name,
-                "schedule": self.spec.schedule,
-                "sources": {k: s.describe() for k, s in self.spec.sources.items()},
-            },
-            "video": result.video.name if result.video else None,
-            "frames": result.frames,
-            "fps": FPS,
-            "duration_s": round(result.seconds, 3),
-            "width": result.width,
-            "height": result.height,
-            "sections": result.sections,
-            "sections_done": result.sections_done,
-            "effective_crf": writer.effective_crf,
-            "teacache_computed_fraction": round(cache.computed_fraction, 3) if cache else None,
-            "peak_vram_bytes": result.peak_vram_bytes,
-            "peak_rss_bytes": result.peak_rss_bytes,
-            "memory_plan": self._plan_text,
-            "device": str(self.device),
-            "dtype": str(self.c.transformer.dtype).replace("torch.", ""),
-            "versions": {
-                "torch": torch.__version__,
-                "diffusers": diffusers.__version__,
-                "transformers": transformers.__version__,
-                "python": platform.python_version(),
-            },
-            "timings": result.timings,
-        }
-        tmp = result.metadata.with_name(result.metadata.name + ".partial")
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
-        os.replace(tmp, result.metadata)
 
 
 def load_pipeline(

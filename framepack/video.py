@@ -160,7 +160,11 @@ class SectionVideoWriter:
     so does garbage collection, as a last resort). Use as a context manager to abort on errors.
     """
 
-    def __init__(self, path: str | os.PathLike, *, fps: int = 30, crf: int = 16) -> None:
+    def __init__(
+        self, path: str | os.PathLike, *, fps: int = 30, crf: int = 16, parts_dir: str | os.PathLike | None = None
+    ) -> None:
+        """`parts_dir`: keep the encoded segments there, persistently (a resumable job's state folder);
+        by default they go to a hidden temporary folder beside `path`."""
         if isinstance(fps, bool) or not isinstance(fps, int) or fps <= 0:
             raise ValueError(f"fps must be a positive int, got {fps!r}")
         if isinstance(crf, bool) or not isinstance(crf, int) or not 0 <= crf <= 51:
@@ -174,10 +178,15 @@ class SectionVideoWriter:
         if not folder.is_dir():
             raise ValueError(f"cannot write video to {self.path}: folder {folder} does not exist")
         try:  # creating the segment folder now proves the folder is writable before any work is done
-            self._parts = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".parts", dir=folder))
+            if parts_dir is not None:
+                self._parts = Path(parts_dir)
+                self._parts.mkdir(parents=True, exist_ok=True)
+            else:
+                self._parts = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".parts", dir=folder))
         except OSError as e:
             raise ValueError(f"cannot write video to {self.path}: folder {folder} is not writable ({e})") from e
-        self._cleanup = weakref.finalize(self, shutil.rmtree, str(self._parts), True)
+        # Temporary segments are removed even if the writer is dropped; persistent ones survive for a resume.
+        self._cleanup = weakref.finalize(self, shutil.rmtree, str(self._parts), True) if parts_dir is None else None
         self._segments: deque[_Segment] = deque()  # final frames, in display order
         self._final_frames = 0
         self._pending: np.ndarray | None = None
@@ -189,6 +198,39 @@ class SectionVideoWriter:
         self.frames_encoded = 0
 
     # -------------------------------------------------------------------------------- public
+    def state(self) -> dict:
+        """JSON-serialisable description of the final segments (the pending edge is not included)."""
+        return {
+            "segments": [[seg.path.name, seg.frames, seg.reorder] for seg in self._segments],
+            "size": list(self._size) if self._size else None,
+            "serial": self._serial,
+            "fps": self.fps,
+            "crf": self.crf,
+        }
+
+    @classmethod
+    def restore(cls, path: str | os.PathLike, state: dict, parts_dir: str | os.PathLike) -> SectionVideoWriter:
+        """A writer continuing from `state()`, whose segment files are in `parts_dir`."""
+        writer = cls(path, fps=state["fps"], crf=state["crf"], parts_dir=parts_dir)
+        listed = {name for name, *_ in state["segments"]}
+        missing = [name for name in listed if not (writer._parts / name).exists()]
+        if missing:
+            raise ValueError(f"cannot resume the video: segment files {missing} are missing from {writer._parts}")
+        for extra in writer._parts.glob("*.mp4"):  # written after the state was saved: not part of it
+            if extra.name not in listed:
+                extra.unlink()
+        for name, frames, reorder in state["segments"]:
+            writer._segments.append(_Segment(writer._parts / name, frames, reorder))
+        writer._final_frames = sum(seg.frames for seg in writer._segments)
+        writer._size = tuple(state["size"]) if state["size"] else None
+        writer._serial = state["serial"]
+        return writer
+
+    def keep_segments(self) -> None:
+        """Stop here without finishing: leave the last snapshot and the segments (for a later resume)."""
+        self._drop_pending_segment()
+        self._closed = True
+
     @property
     def effective_crf(self) -> int:
         """The crf given to x264: `crf`, except 0 -> 1 (crf 0 forces an unplayable lossless profile)."""
@@ -251,7 +293,10 @@ class SectionVideoWriter:
         """Remove temporary files; the last snapshot at `path`, if any, stays. Safe to call twice."""
         self._closed = True
         self._pending_segment = None
-        self._cleanup()
+        if self._cleanup is not None:
+            self._cleanup()
+        else:  # persistent segments: the job is over (finished or given up), so they go too
+            shutil.rmtree(self._parts, ignore_errors=True)
 
     def __enter__(self) -> SectionVideoWriter:
         return self
@@ -434,6 +479,21 @@ class OverlapAssembler:
             raise ValueError("no sections were added; nothing to finish")
         self._edge = None
         return self.writer.finish()
+
+    def restore(self, last_section: torch.Tensor, sections: int) -> None:
+        """Continue after `sections` sections whose last decode was `last_section` (B, 3, T, H, W).
+
+        The pending edge is always a raw slice of the latest decode (the official blend only touches
+        the side facing the older frames), so re-decoding the last section's latents restores it
+        exactly; the writer gets it back as its pending frames.
+        """
+        pixels = last_section.detach().cpu()
+        keep = min(self.overlap, pixels.shape[2])
+        fwd = self.direction == "forward"
+        edge = pixels[:, :, pixels.shape[2] - keep :] if fwd else pixels[:, :, :keep]
+        self._edge = edge.clone()
+        self._sections = sections
+        self.writer.set_pending(to_uint8_frames(edge) if keep else None, at="end" if fwd else "start")
 
 
 def _describe(x: object) -> str:

@@ -1,0 +1,66 @@
+"""What a resumable job saves after every finished section, so it continues after a crash, kill or reboot.
+
+    STATE_DIR/state.json            request, model, sections done, output path, the writer's segment list
+    STATE_DIR/history.safetensors   start latent, the bounded latent history, the noise generator's state
+    STATE_DIR/segments/             the MP4 segments of every final frame (see video.SectionVideoWriter)
+
+Both files are replaced atomically after the section's frames are in the segments; the pending
+edge is not saved (it is a slice of the last section's decode, recomputed on resume). Resuming
+with the same request and seed therefore gives the same latents as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from framepack.sections import History
+
+STATE, TENSORS, SEGMENTS = "state.json", "history.safetensors", "segments"
+
+
+@dataclass(frozen=True)
+class SavedJob:
+    request: dict
+    model: str
+    sections_done: int
+    video: Path
+    writer: dict
+    history: History
+    rng_state: torch.Tensor
+
+
+def exists(state_dir: str | os.PathLike | None) -> bool:
+    return state_dir is not None and (Path(state_dir) / STATE).exists()
+
+
+def save(state_dir, *, request: dict, model: str, sections_done: int, video: Path, writer: dict,
+         history: History, rng: torch.Generator) -> None:  # fmt: skip
+    d = Path(state_dir)
+    tensors = {"start": history.start.contiguous(), "latents": history.latents.contiguous(),
+               "rng_state": rng.get_state()}  # fmt: skip
+    tmp = d / (TENSORS + ".partial")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, d / TENSORS)
+    meta = {"request": request, "model": model, "sections_done": sections_done, "video": str(video),
+            "writer": writer, "history_total": history.total}  # fmt: skip
+    tmp = d / (STATE + ".partial")
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, d / STATE)
+
+
+def load(state_dir) -> SavedJob:
+    d = Path(state_dir)
+    try:
+        meta = json.loads((d / STATE).read_text())
+        t = load_file(str(d / TENSORS))
+    except Exception as err:  # a damaged state is reported, not fatal to whoever lists jobs
+        raise ValueError(f"cannot resume from {d}: its saved state is missing or damaged ({err})") from err
+    history = History(t["start"], t["latents"], meta["history_total"])
+    return SavedJob(meta["request"], meta["model"], meta["sections_done"], Path(meta["video"]), meta["writer"],
+                    history, t["rng_state"])  # fmt: skip

@@ -9,6 +9,7 @@ with `dataclasses.replace`, never re-typed.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,6 +139,15 @@ class GenerationRequest:
     sampler: str = "unipc"
     shift: float | None = None  # explicit flow shift; None = from the sequence length (capped at 7)
     output: str | None = None  # directory (files named by job id) or a path ending in .mp4
+    # --- section controls (framepack.controls). `prompt` may be timestamped: "[0s: ...] [2.5s: ...]"
+    prompt_blend: bool = False  # blend the embeddings over the section where a timestamped prompt changes
+    end_image: str | None = None  # original model: the video ends towards this image
+    end_strength: float = 1.0  # how strongly the end frame is held (scales its latent)
+    end_embedding_weight: float = 0.5  # the end image's share of the SigLIP image embedding (0.5: average)
+    keyframes: tuple[tuple[float, str], ...] = ()  # (seconds, image path): images pinned at times
+    video: str | None = None  # extend this video (MP4 / WebM / GIF) instead of starting from an image
+    video_context_frames: int = 73  # the input video's last frames encoded into the context (F1)
+    t2v_start: str = "color:#808080"  # no image and no video: "color:#RRGGBB" start frame, or "generate"
 
     def validate(self) -> GenerationRequest:
         p = []
@@ -149,8 +159,20 @@ class GenerationRequest:
 
         if not isinstance(self.prompt, str) or not self.prompt.strip():
             p.append("prompt is empty: describe the motion, e.g. 'The girl dances gracefully, with clear movements'")
-        if self.image is None:
-            p.append("image is required (image-to-video)")
+        if self.image is not None and self.video is not None:
+            p.append("give either an image to animate or a video to extend, not both")
+        if not isinstance(self.t2v_start, str) or not (
+            self.t2v_start == "generate" or re.fullmatch(r"color:#[0-9a-fA-F]{6}", self.t2v_start)
+        ):
+            p.append(f"t2v_start must be 'color:#RRGGBB' or 'generate', got {self.t2v_start!r}")
+        rng("end_strength", 0, 1)
+        rng("end_embedding_weight", 0, 1)
+        if not isinstance(self.video_context_frames, int) or not 1 <= self.video_context_frames <= 1000:
+            p.append(f"video_context_frames must be a whole number in 1..1000, got {self.video_context_frames!r}")
+        for kf in self.keyframes:
+            if not (isinstance(kf, (tuple, list)) and len(kf) == 2 and isinstance(kf[0], (int, float))
+                    and not isinstance(kf[0], bool) and isinstance(kf[1], str)):  # fmt: skip
+                p.append(f"keyframes are (seconds, image path) pairs, got {kf!r}")
         rng("seconds", 0.1, 3600)
         rng("steps", 1, 100)
         rng("distilled_guidance", 1, 32)
@@ -179,16 +201,20 @@ class GenerationRequest:
             raise RequestError("invalid request: " + "; ".join(p))
         return self
 
-    def to_json_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
     @classmethod
     def from_json_dict(cls, d: dict[str, Any]) -> GenerationRequest:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise RequestError(f"unknown request fields {unknown}; accepted: {sorted(known)}")
+        if "keyframes" in d and isinstance(d["keyframes"], (list, tuple)):  # JSON lists -> tuples
+            d = {**d, "keyframes": tuple(tuple(k) if isinstance(k, list) else k for k in d["keyframes"])}
         return cls(**d)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["keyframes"] = [list(k) for k in self.keyframes]
+        return d
 
 
 MEMORY_MODES = ("auto", "managed", "off")

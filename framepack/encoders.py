@@ -38,6 +38,16 @@ class PromptEmbedding:
     llama: torch.Tensor  # (1, L <= 256, D_text): valid tokens only
     clip_pooled: torch.Tensor  # (1, D_pooled)
 
+    def blend(self, other: PromptEmbedding, weight: float = 0.5) -> PromptEmbedding:
+        """(1 - weight) * self + weight * other; the shorter token sequence is zero-padded first."""
+        n = max(self.llama.shape[1], other.llama.shape[1])
+
+        def padded(x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.pad(x, (0, 0, 0, n - x.shape[1]))
+
+        llama = (1 - weight) * padded(self.llama) + weight * padded(other.llama)
+        return PromptEmbedding(llama, (1 - weight) * self.clip_pooled + weight * other.clip_pooled)
+
     def zeros_like(self) -> PromptEmbedding:
         """The official negative prompt when real CFG is off: zeros, never run through the model."""
         return PromptEmbedding(torch.zeros_like(self.llama), torch.zeros_like(self.clip_pooled))

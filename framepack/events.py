@@ -36,6 +36,16 @@ class CancelToken:
 
 
 @dataclass(frozen=True)
+class JobPlanned:
+    """The job's shape, once its inputs are checked: report snapped times back to the user."""
+
+    sections: int
+    frames: int  # pixel frames of the finished video (input video frames included)
+    prompt_times: list[tuple[float, str]]  # (snapped start in seconds, prompt)
+    anchors: list[tuple[str, float]]  # (what: "end" / "keyframe N", snapped time in seconds)
+
+
+@dataclass(frozen=True)
 class StageStarted:
     stage: str  # "loading", "text encoding", "image processing", "vae encoding", "image encoding",
     # "sampling", "decoding", "writing"
@@ -81,4 +91,4 @@ class Failed:
     error: str
 
 
-Event = StageStarted | StepProgress | SectionDone | Finished | Cancelled | Failed
+Event = JobPlanned | StageStarted | StepProgress | SectionDone | Finished | Cancelled | Failed

@@ -54,6 +54,11 @@ class Section:
     latent_range: tuple[int, int]  # latent frames of the final video this section produces: [start, stop)
 
     @property
+    def video_index(self) -> int:
+        """Position in the finished video (0 = the part right after the start frame)."""
+        return (self.latent_range[0] - 1) // (self.latent_range[1] - self.latent_range[0])
+
+    @property
     def is_first(self) -> bool:
         return self.index == 0
 
@@ -85,6 +90,8 @@ class History:
     start: torch.Tensor  # (B, C, 1, h, w) the start image's latent
     latents: torch.Tensor  # (B, C, K, h, w) retained window: inverted newest first, forward newest last
     total: int  # latent frames of the video generated so far (the start frame counted when it is in)
+    extended: bool = False  # continues an input video: its frames are already decoded, so the first
+    # generated section decodes like a later one (the newest two windows) and cross-fades with them
 
 
 def _split(indices: torch.Tensor, widths: list[int]) -> list[torch.Tensor]:
@@ -135,14 +142,18 @@ class InvertedSchedule(_Schedule):
         zeros = torch.zeros(b, c, self.keep, h, w, dtype=torch.float32)  # the "future" beyond the video's end
         return History(start_latent.float().cpu(), zeros, total=0)
 
-    def context(self, history: History, section: Section) -> Context:
+    def context(self, history: History, section: Section, anchor: torch.Tensor | None = None) -> Context:
+        """`anchor` (B, C, 1, h, w): a clean latent to use as the nearest future frame instead of the
+        history's (end frame or keyframe)."""
         lws, p = self.window, section.padding * self.window
         idx = torch.arange(1 + p + lws + CONTEXT_1X + CONTEXT_2X + CONTEXT_4X)[None]
         pre, _blank, latent, post, x2, x4 = _split(idx, [1, p, lws, CONTEXT_1X, CONTEXT_2X, CONTEXT_4X])
         h = history.latents
         return Context(
             latent_indices=latent,
-            clean_latents=torch.cat([history.start, h[:, :, :1]], dim=2),  # (start, nearest future frame)
+            clean_latents=torch.cat(
+                [history.start, h[:, :, :1] if anchor is None else anchor], dim=2
+            ),  # (start, future)
             clean_latent_indices=torch.cat([pre, post], dim=1),
             clean_latents_2x=h[:, :, 1:3],
             clean_latent_2x_indices=x2,
@@ -174,13 +185,16 @@ class ForwardSchedule(_Schedule):
         lws = self.window
         return [Section(i, count, 0, (1 + lws * i, 1 + lws * (i + 1))) for i in range(count)]
 
-    def start(self, start_latent: torch.Tensor) -> History:
+    def start(self, start_latent: torch.Tensor, prefix: torch.Tensor | None = None) -> History:
+        """`prefix` (B, C, K, h, w): latents of an input video's last frames to continue from."""
         b, c, _, h, w = start_latent.shape
         start = start_latent.float().cpu()
-        zeros = torch.zeros(b, c, self.keep - 1, h, w, dtype=torch.float32)  # the "past" before the start
-        return History(start, torch.cat([zeros, start], dim=2), total=1)
+        past = start if prefix is None else prefix.float().cpu()[:, :, -self.keep :]
+        zeros = torch.zeros(b, c, self.keep - past.shape[2], h, w, dtype=torch.float32)  # before the start
+        return History(start, torch.cat([zeros, past], dim=2), total=past.shape[2], extended=prefix is not None)
 
-    def context(self, history: History, section: Section) -> Context:
+    def context(self, history: History, section: Section, anchor: torch.Tensor | None = None) -> Context:
+        """`anchor` (B, C, 1, h, w): a clean latent to use as the newest past frame (a keyframe)."""
         lws = self.window
         idx = torch.arange(1 + CONTEXT_4X + CONTEXT_2X + CONTEXT_1X + lws)[None]
         start, x4, x2, x1, latent = _split(idx, [1, CONTEXT_4X, CONTEXT_2X, CONTEXT_1X, lws])
@@ -188,7 +202,7 @@ class ForwardSchedule(_Schedule):
         c4, c2, c1 = recent.split([CONTEXT_4X, CONTEXT_2X, CONTEXT_1X], dim=2)
         return Context(
             latent_indices=latent,
-            clean_latents=torch.cat([history.start, c1], dim=2),  # (start, newest past frame)
+            clean_latents=torch.cat([history.start, c1 if anchor is None else anchor], dim=2),  # (start, newest past)
             clean_latent_indices=torch.cat([start, x1], dim=1),
             clean_latents_2x=c2,
             clean_latent_2x_indices=x2,
@@ -202,7 +216,7 @@ class ForwardSchedule(_Schedule):
 
     def to_decode(self, history: History, section: Section) -> torch.Tensor:
         real = history.latents[:, :, -min(history.total, history.latents.shape[2]) :]
-        if section.is_first:
+        if section.is_first and not history.extended:
             return real
         return real[:, :, -2 * self.window :]
 

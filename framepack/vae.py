@@ -42,6 +42,21 @@ def encode(vae, image: np.ndarray, generator: torch.Generator) -> torch.Tensor:
 
 
 @torch.no_grad()
+def encode_frames(vae, frames: np.ndarray, generator: torch.Generator) -> torch.Tensor:
+    """Latents (1, C, K, H/8, W/8) of consecutive frames (T, H, W, 3) uint8, an input video's tail.
+
+    The causal VAE maps 4K-3 frames to K latents; extra frames at the start are dropped. The first
+    latent of a clip stands for one frame, as it does for every decoded window of FramePack.
+    """
+    keep = (len(frames) - 1) // 4 * 4 + 1
+    x = torch.from_numpy(np.ascontiguousarray(frames[len(frames) - keep :])).float() / 127.5 - 1
+    x = x.permute(3, 0, 1, 2)[None].to(vae.device, vae.dtype)  # (1, 3, T, H, W)
+    dist = vae.encode(x).latent_dist
+    noise = torch.randn(dist.mean.shape, generator=generator, dtype=torch.float32).to(dist.mean.device)
+    return ((dist.mean.float() + dist.std.float() * noise) * vae.config.scaling_factor).cpu()
+
+
+@torch.no_grad()
 def decode(vae, latents: torch.Tensor, *, tiling: bool = False) -> torch.Tensor:
     """(B, C, T, h, w) latents -> (B, 3, 4T-3, 8h, 8w) pixels in about [-1, 1], fp32 on the CPU."""
     if tiling:

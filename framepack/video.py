@@ -255,6 +255,18 @@ class SectionVideoWriter:
             self._segments.appendleft(segment)
         self._final_frames += len(frames)
 
+    def prepend(self, chunks) -> None:
+        """Put frames before everything, in order: `chunks` yields (T, H, W, 3) uint8 batches. Each
+        batch is encoded as it comes, so only one is in memory at a time."""
+        self._check_open()
+        segments = []
+        for chunk in chunks:
+            frames = self._check_size(_check_frames(chunk, "final frames"))
+            if len(frames):
+                segments.append(self._encode(frames))
+        self._segments.extendleft(reversed(segments))
+        self._final_frames += sum(seg.frames for seg in segments)
+
     def set_pending(self, frames: np.ndarray | None, at: str = "end") -> None:
         """Replace the changeable edge (None or no frames: none) at the "end" or "start" of the video."""
         self._check_open()
@@ -477,6 +489,38 @@ class OverlapAssembler:
         """The pending edge becomes final; returns the path of the finished MP4."""
         if self._sections == 0:
             raise ValueError("no sections were added; nothing to finish")
+        self._edge = None
+        return self.writer.finish()
+
+    def start_with(self, chunks, tail: np.ndarray) -> None:
+        """Forward extension: an input video's frames come first. `chunks` yields all its frames
+        ((T, H, W, 3) uint8 batches, in order); `tail` holds at least its last `overlap` frames, which
+        become the edge the first generated section cross-fades with, as between sections."""
+        if self.direction != "forward" or self._sections:
+            raise ValueError("start_with is for the forward direction, before the first section")
+        keep = min(self.overlap, len(tail))
+        total = 0
+        pending: np.ndarray | None = None
+        for chunk in chunks:  # everything but the last `keep` frames is final
+            pending = chunk if pending is None else np.concatenate([pending, chunk])
+            if len(pending) > keep:
+                self.writer.add_final(pending[: len(pending) - keep], at="end")
+                pending = pending[len(pending) - keep :]
+            total += len(chunk)
+        edge = tail[len(tail) - keep :]
+        self._edge = torch.from_numpy(edge.astype(np.float32) / 127.5 - 1).permute(3, 0, 1, 2)[None]  # (1,3,T,H,W)
+        self.writer.set_pending(edge, at="end")
+        self.writer.write_snapshot()
+        self.input_frames = total
+
+    def finish_after(self, chunks) -> Path:
+        """Backward extension: finish with an input video in front. The generated video starts with the
+        re-encoded last input frame, which is dropped; the input frames are prepended unchanged."""
+        if self.direction != "backward" or self._edge is None:
+            raise ValueError("finish_after is for the backward direction, after the sections")
+        self.writer.add_final(to_uint8_frames(self._edge[:, :, 1:]), at="start")
+        self.writer.set_pending(None, at="start")
+        self.writer.prepend(chunks)
         self._edge = None
         return self.writer.finish()
 

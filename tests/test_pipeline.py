@@ -69,8 +69,10 @@ def test_frame_counts_events_and_files(pipes, image_path, tmp_path, model, secti
     assert (info["width"], info["height"]) == (96, 64) and round(info["fps"]) == 30
     # events: text/vae/image stages, then per section: sampling stage, steps 1..n, decoding, SectionDone
     kinds = [type(e).__name__ for e in events]
-    assert kinds[:3] == ["StageStarted"] * 3 and kinds[-1] == "Finished"
-    assert [e.stage for e in events[:3]] == ["text encoding", "vae encoding", "image encoding"]
+    assert kinds[:4] == ["JobPlanned"] + ["StageStarted"] * 3 and kinds[-1] == "Finished"
+    assert (events[0].sections, events[0].frames) == (sections, 36 * sections + 1)
+    assert events[0].prompt_times == [(0.0, "a green square moves right")] and events[0].anchors == []
+    assert [e.stage for e in events[1:4]] == ["text encoding", "vae encoding", "image encoding"]
     done = [e for e in events if isinstance(e, SectionDone)]
     assert [d.section for d in done] == list(range(sections))
     assert [d.frames for d in done] == sorted(d.frames for d in done) and done[-1].frames == result.frames

@@ -47,6 +47,17 @@ def _add_generate(sub) -> None:
     p.add_argument("--shift", type=float, help="explicit flow shift (default: from the resolution, capped at 7)")
     p.add_argument("--out", dest="output", help="output folder (default ./outputs) or a path ending in .mp4")
     p.add_argument("--from", dest="from_json", help="re-run the request stored in a result .json (flags override)")
+    c = p.add_argument_group("section controls")
+    c.add_argument("--prompts-file", help="timestamped prompts, one '[TIME: prompt]' or 'TIME: prompt' per line")
+    c.add_argument("--prompt-blend", action="store_true", default=None, help="blend prompts over one section")
+    c.add_argument("--end-image", help="original model: the video ends towards this image")
+    c.add_argument("--end-strength", type=float, help="how strongly the end frame is held, 0..1 (default 1)")
+    c.add_argument("--end-weight", type=float, dest="end_embedding_weight",
+                   help="the end image's share of the image embedding, 0..1 (default 0.5: average)")  # fmt: skip
+    c.add_argument("--keyframe", action="append", metavar="TIME=IMAGE", help="pin an image at a time (repeatable)")
+    c.add_argument("--video", help="extend this video (MP4, WebM, GIF) instead of starting from an image")
+    c.add_argument("--video-context-frames", type=int, help="input frames that feed the context (default 73)")
+    c.add_argument("--t2v-start", help="text-to-video start frame: color:#RRGGBB (default #808080) or generate")
     p.add_argument("--device", help="cuda, cpu or mps (default: cuda when available)")
     p.add_argument("--models-dir", help="local copies of the weight repos, laid out as DIR/<org>/<name>")
     p.add_argument("--offline", action="store_true", help="never download; use cached or local weights only")
@@ -80,8 +91,36 @@ def _build_request(args: argparse.Namespace):
         model = model or stored.get("model", {}).get("name")
     fields = {f.name for f in dataclasses.fields(GenerationRequest)}
     overrides = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    if args.prompts_file:
+        overrides["prompt"] = _read_prompts_file(args.prompts_file)
+    if args.keyframe:
+        overrides["keyframes"] = tuple(_parse_keyframe(k) for k in args.keyframe)
     request = GenerationRequest.from_json_dict({**base, **overrides})
     return request.validate(), model or "original"
+
+
+def _read_prompts_file(path: str) -> str:
+    """Lines 'TIME: prompt' or '[TIME: prompt]' -> the bracketed timestamped-prompt form."""
+    from framepack.config import RequestError
+
+    try:
+        lines = [line.strip() for line in open(path, encoding="utf-8") if line.strip() and not line.startswith("#")]
+    except OSError as err:
+        raise RequestError(f"cannot read prompts file {path}: {err.strerror or err}") from None
+    return " ".join(line if line.startswith("[") else f"[{line}]" for line in lines)
+
+
+def _parse_keyframe(text: str) -> tuple[float, str]:
+    from framepack.config import RequestError
+
+    when, sep, path = text.partition("=")
+    try:
+        seconds = float(when.strip().rstrip("s"))
+    except ValueError:
+        seconds = None
+    if not sep or seconds is None or not path:
+        raise RequestError(f"--keyframe takes TIME=IMAGE, such as 2.5=pose.png; got {text!r}")
+    return seconds, path
 
 
 class _Progress:
@@ -93,8 +132,15 @@ class _Progress:
     def __call__(self, event) -> None:
         from tqdm import tqdm
 
-        from framepack.events import SectionDone, StageStarted, StepProgress
+        from framepack.events import JobPlanned, SectionDone, StageStarted, StepProgress
 
+        if isinstance(event, JobPlanned):  # times are snapped to section boundaries: say where they landed
+            print(f"{event.sections} sections, {event.frames} frames", file=sys.stderr)
+            if len(event.prompt_times) > 1:
+                for t, prompt in event.prompt_times:
+                    print(f"  prompt from {t:.2f}s: {prompt}", file=sys.stderr)
+            for what, t in event.anchors:
+                print(f"  {what} at {t:.2f}s", file=sys.stderr)
         if self.quiet:
             return
         if isinstance(event, StepProgress):
@@ -119,11 +165,12 @@ def _generate(args: argparse.Namespace) -> int:
 
     from framepack.config import RuntimeOptions
     from framepack.events import CancelToken
-    from framepack.images import load_image
-    from framepack.pipeline import check_output, load_pipeline
+    from framepack.outputs import check_output
+    from framepack.pipeline import check_request, load_pipeline
+    from framepack.registry import get_spec
 
     request, model = _build_request(args)
-    load_image(request.image)  # fail fast on a bad image or output folder, before loading gigabytes of weights
+    check_request(request, get_spec(model))  # fail fast on bad inputs or output folder, before loading weights
     check_output(request)
     if args.offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
@@ -221,6 +268,7 @@ def _selftest(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+# ------------------------------------------------------------------------------ serve / ui
 def main(argv: list[str] | None = None) -> int:
     from framepack.registry import REGISTRY
 

@@ -32,6 +32,13 @@ _SCRIPT = textwrap.dedent(
     def rss():
         gc.collect(); release_host_memory(); return current_rss()
 
+    # warm up: the first forward in a process loads kernels and code pages; that is not a weight copy
+    warm = LlamaModel(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=8,
+                                  num_key_value_heads=8, vocab_size=32000))
+    with torch.no_grad():
+        warm(input_ids=torch.randint(0, 32000, (1, 300)))
+    del warm
+
     base = rss()
     model = _load_llama(path, torch.float32, torch.device("cpu"))
     r["mapped"] = all(is_mapped(p) for p in model.parameters())

@@ -77,8 +77,26 @@ TINY_MODEL = ModelSpec(
     download_size="none (generated locally in about a second)",
 )
 TINY_F1 = replace(TINY_MODEL, name="tiny-f1", schedule="forward")
+# The toy family, trained from scratch on the procedural toy world (framepack.train): its weights ship
+# in the package folder framepack/toy (FRAMEPACK_TOY_DIR points elsewhere); both share one transformer.
+TOY_DIR_ENV = "FRAMEPACK_TOY_DIR"
+TOY_MODEL = replace(
+    TINY_MODEL,
+    name="toy",
+    transformer=Source("transformer"),
+    text_encoder=Source("encoders", "text_encoder"),
+    tokenizer=Source("encoders", "tokenizer"),
+    text_encoder_2=Source("encoders", "text_encoder_2"),
+    tokenizer_2=Source("encoders", "tokenizer_2"),
+    vae=Source("encoders", "vae"),
+    feature_extractor=Source("image", "feature_extractor"),
+    image_encoder=Source("image", "image_encoder"),
+    download_size="none (ships with the package)",
+    extras={"package_dir": "toy"},
+)
+TOY_F1 = replace(TOY_MODEL, name="toy-f1", schedule="forward")
 
-REGISTRY: dict[str, ModelSpec] = {m.name: m for m in (ORIGINAL, F1, TINY_MODEL, TINY_F1)}
+REGISTRY: dict[str, ModelSpec] = {m.name: m for m in (ORIGINAL, F1, TINY_MODEL, TINY_F1, TOY_MODEL, TOY_F1)}
 
 
 def get_spec(name: str) -> ModelSpec:
@@ -112,6 +130,21 @@ def _from_hf(sources: list[Source], download: bool) -> Path:
     return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns, local_files_only=not download))
 
 
+def _packaged_root(spec: ModelSpec) -> Path:
+    """The folder of a model trained in this project (framepack/<package_dir>, or $FRAMEPACK_TOY_DIR)."""
+    root = Path(os.environ.get(TOY_DIR_ENV) or Path(__file__).resolve().parent / spec.extras["package_dir"])
+    if not (root / "manifest.json").exists() or not (root / "transformer").is_dir():
+        from framepack.train import TRAINING_COMMANDS
+
+        raise CheckpointError(
+            f"model {spec.name!r} is trained in this project and its weights are not in {root} yet. Train and "
+            f"package it with (about 1.5 hours on 2 CPU cores; see the README, 'Training and the toy model'):\n"
+            + "\n".join(f"  {c}" for c in TRAINING_COMMANDS)
+            + f"\nor set {TOY_DIR_ENV} to a packaged folder."
+        )
+    return root
+
+
 def resolve_spec(
     spec: ModelSpec, *, models_root: str | os.PathLike | None = None, download: bool = True
 ) -> dict[str, Path]:
@@ -119,7 +152,7 @@ def resolve_spec(
     if spec.builtin:
         from framepack.tiny import ensure_tiny
 
-        root = ensure_tiny()
+        root = _packaged_root(spec) if spec.extras.get("package_dir") else ensure_tiny()
         return {n: root / s.repo / (s.subfolder or "") for n, s in spec.sources.items()}
 
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError

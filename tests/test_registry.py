@@ -11,11 +11,13 @@ from framepack.weights import CheckpointError
 def test_registry_names_and_schedules():
     assert {n: s.schedule for n, s in REGISTRY.items()} == {
         "original": "inverted", "f1": "forward", "tiny": "inverted", "tiny-f1": "forward",
+        "toy": "inverted", "toy-f1": "forward",
     }  # fmt: skip
     assert get_spec("original").transformer.repo == "lllyasviel/FramePackI2V_HY"
     assert get_spec("f1").transformer.repo == "lllyasviel/FramePack_F1_I2V_HY_20250503"
     assert get_spec("f1").text_encoder == get_spec("original").text_encoder  # shared encoders
-    with pytest.raises(ValueError, match="unknown model 'sdxl'; choose one of: original, f1, tiny, tiny-f1"):
+    names = "original, f1, tiny, tiny-f1, toy, toy-f1"
+    with pytest.raises(ValueError, match=f"unknown model 'sdxl'; choose one of: {names}"):
         get_spec("sdxl")
 
 

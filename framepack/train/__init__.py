@@ -1,0 +1,21 @@
+"""Training FramePack models: the toy world, the toy family, cached datasets and the section trainer.
+
+    toyworld.py     seeded procedural clips of moving shapes, captions, ground truth, a colour tracker
+    toyfamily.py    the toy family's components in the real repos' layout; VAE training; packaging
+    data.py         (video, caption) datasets with cached latents and embeddings
+    trainer.py      the section trainer (flow matching on the engine's own section contexts), LoRA
+    checkpoints.py  checkpoint files, RNG states, the CSV loss log
+    commands.py     `framepack train ...`
+
+Importing this package is cheap; the modules load torch and friends when imported themselves.
+"""
+
+# The commands that train and package the shipped toy model (`toy` / `toy-f1`), in order, with their
+# seeds. The README's "Training and the toy model" lists them with measured times.
+TRAINING_COMMANDS = (
+    "framepack train family --out runs/toy/family",
+    "framepack train vae --family runs/toy/family --out runs/toy/vae --steps 2000 --seed 0",
+    "framepack train data --family runs/toy/family --out runs/toy/data --clips 600 --sections 1-6 --seed 0",
+    "framepack train transformer --data runs/toy/data --out runs/toy/transformer --steps 12000 --seed 0",
+    "framepack train package --family runs/toy/family --transformer runs/toy/transformer/transformer",
+)

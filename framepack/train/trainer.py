@@ -1,0 +1,571 @@
+"""The section trainer: flow-matching training of the packed transformer on sections cut from clips.
+
+Contract. For a clip's cached latents (1 + w*N frames at latent window w, the start frame first),
+`section_sample(schedule, latents, N, i)` rebuilds exactly what inference feeds the transformer for
+the i-th section in generation order: it starts the engine's schedule from the clip's start latent,
+appends the ground-truth latents of the sections generated before it (in generation order: for the
+inverted schedule those lie *after* it in time), and calls the schedule's own `context()`. No index
+layout is re-stated here; the target is that section's ground-truth window.
+
+Each training sample then draws (all from one seeded generator, so a resumed run repeats an
+uninterrupted one):
+  t ~ U(0, 1) (or logit-normal), sigma = shift(t) with inference's resolution-dependent shift at
+      the window's token count (`sampling.flow_shift_mu`), so training sees the noise levels the
+      sampler visits;
+  x_t = (1 - sigma) x0 + sigma eps, target velocity eps - x0, timestep = 1000 sigma;
+  a distilled-guidance scale uniform in a range (x1000 into the guidance embedder): only a
+      condition here (there is no CFG teacher to distil), so any --gs works at inference;
+  caption dropout to the empty prompt's embedding (the engine's negative prompt, for real CFG);
+  for forward samples, rarely, "no start frame" (start latent and image embedding zeroed): the
+      recent-past-only mode the quality benchmark uses as its no-anti-drifting baseline.
+
+One model learns both schedules (samples are mixed per batch): their layouts differ (the inverted
+window sits before its clean context in RoPE time, the forward window after it), so the model can
+tell them apart, the two registry entries share one set of weights (half the package), and the data
+is used twice.
+
+Options: AdamW with gradient clipping, warmup + cosine (or constant) LR, EMA of the weights, bf16
+autocast, gradient checkpointing (the model's flag), LoRA (`LoRALinear` on the attention and MLP
+projections of the blocks; merged into plain Linears for export in the official key layout), and
+checkpoints holding the model (or LoRA) state, optimizer, EMA and every RNG state.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from framepack.models.transformer import FramePackTransformer
+from framepack.sampling import flow_shift_mu
+from framepack.sections import Context, ForwardSchedule, InvertedSchedule, make_schedule
+from framepack.train.checkpoints import (
+    CsvLog,
+    checkpoint_path,
+    latest,
+    load_state,
+    prune,
+    rng_state,
+    save_state,
+    set_rng_state,
+)
+from framepack.train.data import LatentDataset
+
+Schedule = InvertedSchedule | ForwardSchedule
+CONTEXT_KEYS = ("latent_indices", "clean_latents", "clean_latent_indices", "clean_latents_2x",
+                "clean_latent_2x_indices", "clean_latents_4x", "clean_latent_4x_indices")  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------ samples
+def section_sample(schedule: Schedule, latents: torch.Tensor, count: int, index: int,
+                   start: torch.Tensor | None = None) -> tuple[Context, torch.Tensor]:  # fmt: skip
+    """(inference context, ground-truth window) of the `index`-th generated section of a clip.
+
+    latents: (1, C, 1 + w*count, h, w) in video order; start: (1, C, 1, h, w) the start image's latent
+    as inference encodes it (default: latents[:, :, :1]).
+    """
+    w = schedule.window
+    if latents.shape[2] != 1 + w * count:
+        raise ValueError(
+            f"a clip of {count} sections at window {w} has {1 + w * count} latents, got {latents.shape[2]}"
+        )
+    sections = schedule.sections(count)
+    history = schedule.start(latents[:, :, :1] if start is None else start)
+    for s in sections[:index]:  # what inference has generated before this section (generation order)
+        a, b = s.latent_range
+        history = schedule.append(history, s, latents[:, :, a:b])
+    section = sections[index]
+    a, b = section.latent_range
+    return schedule.context(history, section), latents[:, :, a:b]
+
+
+def shifted_sigma(t: torch.Tensor, mu: float) -> torch.Tensor:
+    """sigma = e^mu / (e^mu + 1/t - 1): the time shift `sampling.flow_sigmas` applies to its t grid."""
+    return 1.0 / (1.0 + (1.0 / t - 1.0) * math.exp(-mu))
+
+
+def sample_t(n: int, generator: torch.Generator, mode: str) -> torch.Tensor:
+    if mode == "uniform":
+        t = torch.rand(n, generator=generator, dtype=torch.float64)
+    elif mode == "logit-normal":
+        t = torch.sigmoid(torch.randn(n, generator=generator, dtype=torch.float64))
+    else:
+        raise ValueError(f"sigma sampling must be 'uniform' or 'logit-normal', got {mode!r}")
+    return t.clamp(1e-4, 1.0)
+
+
+# ------------------------------------------------------------------------------------ LoRA
+LORA_TARGETS = (
+    "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out",
+)  # fmt: skip
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + (alpha / r) * up(down(x)), the base frozen; `up` starts at zero (y unchanged).
+
+    `weight` reads as the merged matrix, so code that uses a Linear's weight directly (the single
+    blocks split `proj_out.weight` into column blocks) still sees, and trains, the adaptation.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float) -> None:
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.rank, self.scale = rank, alpha / rank
+        dev, dt = base.weight.device, base.weight.dtype
+        self.lora_down = nn.Parameter(torch.empty(rank, base.in_features, device=dev, dtype=torch.float32))
+        self.lora_up = nn.Parameter(torch.zeros(base.out_features, rank, device=dev, dtype=torch.float32))
+        nn.init.kaiming_uniform_(self.lora_down, a=math.sqrt(5))
+        self._dtype = dt
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        delta = (self.lora_up @ self.lora_down) * self.scale  # (out, in)
+        return self.base.weight + delta.to(self.base.weight.dtype)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        low = F.linear(F.linear(x, self.lora_down.to(x.dtype)), self.lora_up.to(x.dtype))  # (..., out) via rank r
+        return self.base(x) + low * self.scale
+
+    def merged(self) -> nn.Linear:
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=self.base.weight.device, dtype=self.base.weight.dtype)  # fmt: skip
+        with torch.no_grad():
+            lin.weight.copy_(self.weight)
+            if self.bias is not None:
+                lin.bias.copy_(self.bias)
+        return lin
+
+
+def _blocks_linears(model: nn.Module, targets: tuple[str, ...]) -> list[tuple[nn.Module, str, str]]:
+    """(parent, attribute, full name) of the target Linears inside the double and single blocks."""
+    found = []
+    for name, module in model.named_modules():
+        if not name.startswith(("transformer_blocks.", "single_transformer_blocks.")):
+            continue
+        if isinstance(module, nn.Linear) and any(name.endswith("." + t) for t in targets):
+            parent_name, _, attr = name.rpartition(".")
+            found.append((model.get_submodule(parent_name), attr, name))
+    return found
+
+
+def apply_lora(model: nn.Module, rank: int, alpha: float | None = None, targets: tuple[str, ...] = LORA_TARGETS,
+               seed: int = 0) -> list[str]:  # fmt: skip
+    """Freeze `model` and wrap the target Linears of its blocks in LoRALinear; returns their names."""
+    model.requires_grad_(False)
+    torch.manual_seed(seed)  # the `down` matrices' init
+    names = []
+    for parent, attr, name in _blocks_linears(model, targets):
+        wrapped = LoRALinear(getattr(parent, attr), rank, float(alpha if alpha is not None else rank))
+        if isinstance(parent, nn.ModuleList):
+            parent[int(attr)] = wrapped
+        else:
+            setattr(parent, attr, wrapped)
+        names.append(name)
+    if not names:
+        raise ValueError(f"no Linear matched the LoRA targets {targets}")
+    return names
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Replace every LoRALinear with a plain Linear holding the merged weight (official key layout)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoRALinear):
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            if isinstance(parent, nn.ModuleList):
+                parent[int(attr)] = module.merged()
+            else:
+                setattr(parent, attr, module.merged())
+    return model
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if ".lora_" in k}
+
+
+# ------------------------------------------------------------------------------------ models
+def init_from_scratch(model: FramePackTransformer, seed: int) -> FramePackTransformer:
+    """DiT-style initialisation: Xavier-uniform Linears and patch embedders, zero biases, and zero
+    adaLN modulations (every gate closed: each block starts as the identity) and output projection
+    (the first prediction is 0), which trains faster and more stably than PyTorch's defaults."""
+    g = torch.Generator().manual_seed(seed)
+
+    def xavier(w: torch.Tensor) -> None:
+        fan_out, fan_in = w.shape[0], w[0].numel()
+        bound = math.sqrt(6.0 / (fan_in + fan_out))
+        w.copy_((torch.rand(w.shape, generator=g) * 2 - 1) * bound)
+
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, (nn.Linear, nn.Conv3d)):
+                xavier(m.weight)
+                if m.bias is not None:
+                    m.bias.zero_()
+            if name.rpartition(".")[2] in ("norm1", "norm1_context", "norm", "norm_out") and hasattr(m, "linear"):
+                m.linear.weight.zero_()
+                m.linear.bias.zero_()
+        model.proj_out.weight.zero_()
+        model.proj_out.bias.zero_()
+    return model
+
+
+def build_model(cfg: TrainConfig) -> FramePackTransformer:
+    """From `cfg.init` (a registry model name or a transformer folder/file), else a fresh `cfg.model`."""
+    from framepack.weights import load_transformer
+
+    if cfg.init:
+        source = cfg.init
+        from framepack.registry import REGISTRY, resolve_spec
+
+        if source in REGISTRY:
+            source = resolve_spec(REGISTRY[source])["transformer"]
+        model = load_transformer(source, dtype=torch.float32)
+        return model.train().requires_grad_(True)
+    from framepack.train.toyfamily import FAMILIES
+
+    if cfg.model not in FAMILIES:
+        raise ValueError(f"unknown model config {cfg.model!r}; choose one of {sorted(FAMILIES)} or pass --init")
+    return init_from_scratch(FramePackTransformer(FAMILIES[cfg.model][1]), cfg.seed).train()
+
+
+# ------------------------------------------------------------------------------------ config
+@dataclass(frozen=True)
+class TrainConfig:
+    data: str  # dataset folder (framepack.train.data)
+    out: str  # run folder: checkpoints/, loss.csv, transformer/ (the export)
+    model: str = "toy"  # from-scratch architecture (toyfamily.FAMILIES), unless `init` is given
+    init: str | None = None  # start from: a registry model name or a transformer folder / .safetensors
+    steps: int = 15000
+    batch_size: int = 8
+    lr: float = 4e-4
+    lr_schedule: str = "cosine"  # or "constant" (after warmup)
+    warmup: int = 250
+    min_lr_ratio: float = 0.1  # cosine ends at lr * min_lr_ratio
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.99)
+    grad_clip: float = 1.0
+    ema: float = 0.999  # EMA decay of the exported weights; 0 = off
+    schedules: tuple[str, ...] = ("inverted", "forward")
+    sigma_sampling: str = "uniform"  # or "logit-normal"
+    guidance: tuple[float, float] = (1.0, 12.0)  # distilled guidance scale range
+    caption_dropout: float = 0.1
+    no_start_probability: float = 0.1  # forward samples without the start frame (the baseline mode)
+    context_noise: float = 0.0  # std of Gaussian noise added to the clean context latents (augmentation)
+    precision: str = "fp32"  # or "bf16" (autocast)
+    gradient_checkpointing: bool = False
+    lora_rank: int = 0  # > 0: train LoRA adapters only
+    lora_alpha: float | None = None  # default: the rank
+    seed: int = 0
+    save_every: int = 1000
+    keep_checkpoints: int = 3
+    log_every: int = 25
+    probe_every: int = 500
+    probe_samples: int = 32
+    device: str = "cpu"
+
+    def to_json_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json_dict(cls, d: dict) -> TrainConfig:
+        d = dict(d)
+        for k in ("betas", "schedules", "guidance"):
+            if k in d:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+
+@dataclass
+class Batch:
+    kwargs: dict[str, torch.Tensor]  # the transformer's keyword arguments
+    target: torch.Tensor  # velocity eps - x0 (B, C, w, h, w)
+    sigma: torch.Tensor  # (B,)
+    meta: list[dict] = field(default_factory=list)  # per sample: clip, schedule, section, flags
+
+
+# ------------------------------------------------------------------------------------ the trainer
+class SectionTrainer:
+    def __init__(self, cfg: TrainConfig, dataset: LatentDataset | None = None,
+                 model: FramePackTransformer | None = None) -> None:  # fmt: skip
+        self.cfg = cfg
+        self.data = dataset if dataset is not None else LatentDataset(cfg.data)
+        self.device = torch.device(cfg.device)
+        self.schedules = {k: make_schedule(k, self.data.window) for k in cfg.schedules}
+        self.model = (model if model is not None else build_model(cfg)).to(self.device)
+        self._check_widths()
+        if cfg.lora_rank > 0:
+            apply_lora(self.model, cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed)
+        self.model.gradient_checkpointing = cfg.gradient_checkpointing
+        self.model.train()
+        self.named_params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        decay = [p for n, p in self.named_params if p.ndim >= 2]
+        no_decay = [p for n, p in self.named_params if p.ndim < 2]
+        self.opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=cfg.betas,
+        )  # fmt: skip
+        self.ema = {n: p.detach().clone().float() for n, p in self.named_params} if cfg.ema > 0 else None
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.step = 0
+        self.seconds = 0.0
+        self._running: list[float] = []
+        c0 = self.data[0].latents
+        self.seq_len = self.data.window * c0.shape[3] * c0.shape[4] // 4  # noisy tokens, as the pipeline's shift
+        self.mu = flow_shift_mu(self.seq_len)
+        self.probe = self._probe_batch() if cfg.probe_samples > 0 else None
+
+    # ---------------------------------------------------------------- data
+    def _check_widths(self) -> None:
+        c, mc = self.data[0], self.model.config
+        got = (c.llama.shape[-1], c.clip_pooled.shape[-1], c.siglip.shape[-1], c.latents.shape[1])
+        want = (mc.text_embed_dim, mc.pooled_projection_dim, mc.image_proj_dim, mc.in_channels)
+        if got != want:
+            raise ValueError(f"dataset widths (text, pooled, image, latent channels) {got} do not match the "
+                             f"transformer's {want}: the dataset was built with other encoders")  # fmt: skip
+
+    def draw(self, n: int, generator: torch.Generator, sigmas: torch.Tensor | None = None) -> Batch:
+        """A batch of `n` samples; every random choice comes from `generator`, in a fixed order."""
+        cfg, kinds = self.cfg, list(self.schedules)
+        items = []
+        for _ in range(n):
+            ci = int(torch.randint(len(self.data), (), generator=generator))
+            kind = kinds[int(torch.randint(len(kinds), (), generator=generator))]
+            clip = self.data[ci]
+            si = int(torch.randint(clip.sections, (), generator=generator))
+            drop_caption = bool(torch.rand((), generator=generator) < cfg.caption_dropout)
+            no_start = kind == "forward" and bool(torch.rand((), generator=generator) < cfg.no_start_probability)
+            ctx, x0 = section_sample(self.schedules[kind], clip.latents, clip.sections, si, clip.start)
+            items.append((ci, kind, si, drop_caption, no_start, ctx, x0, clip))
+        t = sample_t(n, generator, cfg.sigma_sampling) if sigmas is None else None
+        sigma = (shifted_sigma(t, self.mu) if sigmas is None else sigmas.double()).float()  # (B,)
+        lo, hi = cfg.guidance
+        guidance = (lo + (hi - lo) * torch.rand(n, generator=generator)) * 1000.0
+        x0 = torch.cat([it[6] for it in items])  # (B, C, w, h, w)
+        eps = torch.randn(x0.shape, generator=generator)
+        ctx_noise = None
+        if cfg.context_noise > 0:
+            shape = (n, *items[0][5].clean_latents.shape[1:])
+            ctx_noise = [torch.randn(shape, generator=generator) * cfg.context_noise for _ in range(3)]
+        s = sigma.view(-1, 1, 1, 1, 1)
+        x_t = (1 - s) * x0 + s * eps
+
+        kw: dict[str, torch.Tensor] = {}
+        for k in CONTEXT_KEYS:
+            kw[k] = torch.cat([getattr(it[5], k) for it in items])  # latents (B, C, f, h, w), indices (B, f)
+        if ctx_noise is not None:
+            for k, e in zip(("clean_latents", "clean_latents_2x", "clean_latents_4x"), ctx_noise):
+                kw[k] = kw[k] + e[:, :, : kw[k].shape[2]]
+        texts = [self.data.uncond if it[3] else it[7] for it in items]
+        llama = [t.llama[0] for t in texts]  # (L_b, D) each
+        length = max(x.shape[0] for x in llama)
+        text = torch.zeros(n, length, llama[0].shape[-1])  # right-padded (B, L, D)
+        mask = torch.zeros(n, length, dtype=torch.bool)
+        for b, x in enumerate(llama):
+            text[b, : x.shape[0]], mask[b, : x.shape[0]] = x, True
+        pooled = torch.cat([t.clip_pooled for t in texts])  # (B, D)
+        siglip = torch.cat([it[7].siglip for it in items])  # (B, N, D)
+        for b, it in enumerate(items):
+            if it[4]:  # no start frame: neither its latent nor its image embedding
+                kw["clean_latents"][b, :, 0] = 0
+                siglip[b] = 0
+        kw.update(
+            hidden_states=x_t,
+            timestep=sigma * 1000.0,
+            encoder_hidden_states=text,
+            encoder_attention_mask=mask,
+            pooled_projections=pooled,
+            guidance=guidance,
+            image_embeddings=siglip,
+        )
+        meta = [{"clip": it[0], "schedule": it[1], "section": it[2], "drop_caption": it[3], "no_start": it[4]}
+                for it in items]  # fmt: skip
+        return Batch({k: v.to(self.device) for k, v in kw.items()}, (eps - x0).to(self.device), sigma, meta)
+
+    def _probe_batch(self) -> Batch:
+        """A fixed evaluation batch (its own seed, sigmas spread evenly over the shifted schedule)."""
+        n = self.cfg.probe_samples
+        t = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+        return self.draw(n, torch.Generator().manual_seed(self.cfg.seed + 1_000_003), shifted_sigma(t, self.mu))
+
+    # ---------------------------------------------------------------- optimisation
+    def lr_at(self, step: int) -> float:
+        cfg = self.cfg
+        if step < cfg.warmup:
+            return cfg.lr * (step + 1) / cfg.warmup
+        if cfg.lr_schedule == "constant":
+            return cfg.lr
+        progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+        return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    def _autocast(self):
+        if self.cfg.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        if self.cfg.precision != "fp32":
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.cfg.precision!r}")
+        return torch.autocast(self.device.type, enabled=False)
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        with self._autocast():
+            pred = self.model(**batch.kwargs).sample
+        return F.mse_loss(pred.float(), batch.target)
+
+    def train_step(self) -> dict:
+        """One optimisation step; returns its loss (before the update), grad norm and LR."""
+        lr = self.lr_at(self.step)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        batch = self.draw(self.cfg.batch_size, self.gen)
+        loss = self.loss(batch)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for _, p in self.named_params]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf"))
+        self.opt.step()
+        if self.ema is not None:
+            decay = min(self.cfg.ema, (1 + self.step) / (10 + self.step))  # short memory at the start
+            with torch.no_grad():
+                for n, p in self.named_params:
+                    self.ema[n].lerp_(p.detach().float(), 1 - decay)
+        self.step += 1
+        return {"loss": loss.item(), "grad_norm": norm.item(), "lr": lr}
+
+    @torch.no_grad()
+    def probe_loss(self, batch: Batch | None = None) -> float:
+        batch = batch or self.probe
+        self.model.eval()
+        try:
+            return float(self.loss(batch))
+        finally:
+            self.model.clear_section_cache()
+            self.model.train()
+
+    # ---------------------------------------------------------------- state
+    def _trainable_state(self) -> dict[str, torch.Tensor]:
+        if self.cfg.lora_rank > 0:
+            return lora_state_dict(self.model)
+        return self.model.state_dict()
+
+    def state_dict(self) -> dict:
+        return {
+            "config": self.cfg.to_json_dict(),
+            "step": self.step,
+            "seconds": self.seconds,
+            "model": self._trainable_state(),
+            "optimizer": self.opt.state_dict(),
+            "ema": self.ema,
+            "generator": self.gen.get_state(),
+            "rng": rng_state(),
+            "running": list(self._running),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        strict = self.cfg.lora_rank == 0
+        missing, unexpected = self.model.load_state_dict(state["model"], strict=strict)
+        if unexpected or (not strict and any(".lora_" in k for k in missing)):
+            raise ValueError(f"checkpoint does not fit this model: unexpected {unexpected[:5]}, missing {missing[:5]}")
+        self.opt.load_state_dict(state["optimizer"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema = {k: v.clone() for k, v in state["ema"].items()}
+        self.gen.set_state(state["generator"])
+        set_rng_state(state["rng"])
+        self.step, self.seconds = int(state["step"]), float(state["seconds"])
+        self._running = list(state.get("running", []))
+
+    def save_checkpoint(self, path: str | os.PathLike | None = None) -> Path:
+        path = Path(path) if path else checkpoint_path(Path(self.cfg.out) / "checkpoints", self.step)
+        save_state(path, self.state_dict())
+        if path.parent == Path(self.cfg.out) / "checkpoints":
+            prune(path.parent, self.cfg.keep_checkpoints)
+        return path
+
+    def resume(self, path: str | os.PathLike | None = None) -> bool:
+        """Load `path`, or the newest checkpoint of the run folder; False when there is none."""
+        path = Path(path) if path else latest(Path(self.cfg.out) / "checkpoints")
+        if path is None or not path.exists():
+            return False
+        self.load_state_dict(load_state(path))
+        return True
+
+    def export_model(self, *, ema: bool = True) -> FramePackTransformer:
+        """A stand-alone copy for inference: EMA weights (when kept), LoRA merged, official keys."""
+        model = copy.deepcopy(self.model).eval()
+        if ema and self.ema is not None:
+            params = dict(model.named_parameters())
+            with torch.no_grad():
+                for n, v in self.ema.items():
+                    params[n].copy_(v)
+        merge_lora(model)
+        model.gradient_checkpointing = False
+        return model.requires_grad_(False)
+
+    def export(self, path: str | os.PathLike, *, ema: bool = True, dtype: torch.dtype | None = None) -> Path:
+        from framepack.weights import save_transformer
+
+        path = save_transformer(self.export_model(ema=ema).cpu(), path, dtype=dtype)
+        record = {"step": self.step, "seconds": round(self.seconds, 1), "ema": ema and self.ema is not None,
+                  "train_config": self.cfg.to_json_dict()}  # fmt: skip
+        (Path(path) / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+        return path
+
+    # ---------------------------------------------------------------- the loop
+    def fit(self, *, progress: bool = True) -> Path:
+        """Train to `cfg.steps` (continuing from the current step), logging, probing and checkpointing;
+        exports the final weights to <out>/transformer and returns that folder."""
+        from tqdm import tqdm
+
+        cfg, out = self.cfg, Path(self.cfg.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(cfg.to_json_dict(), indent=2) + "\n")
+        log = CsvLog(out / "loss.csv", ["step", "loss", "grad_norm", "lr", "probe_loss", "samples_per_s", "seconds"])
+        log.truncate(self.step)
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not progress, unit="step", desc="train",
+                   dynamic_ncols=True)  # fmt: skip
+        t_start, t_window, norms = time.perf_counter() - self.seconds, time.perf_counter(), []
+        while self.step < cfg.steps:
+            stats = self.train_step()
+            self._running.append(stats["loss"])
+            norms.append(stats["grad_norm"])
+            self.seconds = time.perf_counter() - t_start
+            bar.update(1)
+            bar.set_postfix_str(f"loss {stats['loss']:.4f}", refresh=False)
+            row = {}
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                now = time.perf_counter()
+                row = {"step": self.step, "loss": sum(self._running) / len(self._running),
+                       "grad_norm": sum(norms) / max(1, len(norms)), "lr": stats["lr"],
+                       "samples_per_s": len(self._running) * cfg.batch_size / max(1e-9, now - t_window),
+                       "seconds": round(self.seconds, 1)}  # fmt: skip
+                self._running, norms, t_window = [], [], now
+            if self.probe is not None and (self.step % cfg.probe_every == 0 or self.step == cfg.steps):
+                probe = self.probe_loss()
+                row = row or {"step": self.step, "seconds": round(self.seconds, 1)}
+                row["probe_loss"] = probe
+                bar.write(f"step {self.step}: probe loss {probe:.4f}")
+            if row:
+                log.write(row)
+            if self.step % cfg.save_every == 0 or self.step == cfg.steps:
+                self.save_checkpoint()
+        bar.close()
+        return self.export(out / "transformer")

@@ -114,11 +114,12 @@ def assert_same_video(a, b) -> None:
     """Two decodes of MP4s made from identical frames: same length, and equal within x264's noise.
 
     x264 occasionally takes different (equally valid) decisions for a group of frames of identical
-    input, so a few frames may differ visibly on noise-like content; most must match closely.
+    input (seen most under heavy CPU load), so a run of frames may differ by 1-2 levels on average on
+    the tiny model's noise-like content. Different videos of that content differ by tens of levels.
     """
     import numpy as np
 
     assert a.shape == b.shape, (a.shape, b.shape)
     per_frame = np.abs(a.astype(np.int16) - b).reshape(len(a), -1).mean(1)
-    assert (per_frame < 0.5).mean() >= 0.9, per_frame
+    assert per_frame.mean() < 1.5, per_frame
     assert per_frame.max() < 12, per_frame

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -269,6 +271,176 @@ def _selftest(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------ serve / ui
+def _add_app_args(p: argparse.ArgumentParser, *, port: int) -> None:
+    """Options shared by `serve` and `ui`: the job queue, the model, security, runtime."""
+    from framepack.registry import REGISTRY
+
+    p.add_argument("--port", type=int, default=port, help=f"TCP port (default {port}; 0: any free port)")
+    p.add_argument("--model", default="original", choices=sorted(REGISTRY),
+                   help="default model for jobs (the others of its family can be chosen per job)")  # fmt: skip
+    p.add_argument("--outputs", default="outputs", help="folder for the job queue, videos and resume state")
+    p.add_argument("--token", default=os.environ.get("FRAMEPACK_TOKEN"),
+                   help="require this token (Bearer header / ?token=; UI password); env FRAMEPACK_TOKEN")  # fmt: skip
+    p.add_argument("--no-auth", action="store_true", help="allow a non-loopback bind without a token (unsafe)")
+    p.add_argument("--max-upload-mb", type=float, default=32, help="largest accepted image upload (default 32)")
+    p.add_argument("--device", help="cuda, cpu or mps (default: cuda when available)")
+    p.add_argument("--models-dir", help="local copies of the weight repos, laid out as DIR/<org>/<name>")
+    p.add_argument("--offline", action="store_true", help="never download; use cached or local weights only")
+    p.add_argument("--preserved-memory", type=float, metavar="GB", help="device memory to leave free (default auto)")
+    p.add_argument("--fp8", action="store_true", help="store transformer block weights in fp8 (half the memory; lossy)")
+    p.add_argument("--memory", choices=["auto", "managed", "off"], default="auto", help="device memory management")
+
+
+def _app_models(default: str) -> list[str]:
+    """The models jobs may pick: the default model's family (the real ones, or the built-in tiny ones)."""
+    from framepack.registry import REGISTRY
+
+    builtin = REGISTRY[default].builtin
+    return [default] + sorted(n for n, spec in REGISTRY.items() if spec.builtin == builtin and n != default)
+
+
+def _open_queue(args: argparse.Namespace):
+    from framepack.config import RuntimeOptions
+    from framepack.jobs import JobQueue
+
+    if args.offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    options = RuntimeOptions(preserved_memory_gb=args.preserved_memory, fp8=args.fp8, memory=args.memory)
+
+    def loader(model: str):
+        from framepack.pipeline import load_pipeline
+
+        print(f"loading model {model!r} ...", file=sys.stderr, flush=True)
+        return load_pipeline(model, device=args.device, models_dir=args.models_dir, download=not args.offline,
+                             options=options)  # fmt: skip
+
+    queue = JobQueue(args.outputs, loader=loader, models=_app_models(args.model), default_model=args.model)
+    for problem in queue.problems:
+        print(f"warning: {problem}", file=sys.stderr)
+    return queue
+
+
+def _check_exposure(host: str, args: argparse.Namespace, *, public: bool = False) -> int | None:
+    """Loopback needs nothing; anything else needs --token or an explicit --no-auth. Returns an exit code
+    to stop with, or None to go on."""
+    from framepack.app.api import is_loopback
+
+    if args.max_upload_mb <= 0:
+        print("error: --max-upload-mb must be positive", file=sys.stderr)
+        return 2
+    if is_loopback(host) and not public:
+        return None
+    where = "a public share link" if public else f"{host}, reachable from the network"
+    if args.token:
+        print(f"serving on {where}; requests need the token", file=sys.stderr)
+        return None
+    if args.no_auth:
+        print(f"WARNING: serving on {where} WITHOUT authentication (--no-auth): anyone who can reach it can "
+              "run jobs and read every output", file=sys.stderr)  # fmt: skip
+        return None
+    print(f"error: serving on {where} needs --token TOKEN (or FRAMEPACK_TOKEN), or --no-auth to run without "
+          "one", file=sys.stderr)  # fmt: skip
+    return 2
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="HTTP API over the job queue (/api/, schema at /api/openapi.json)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    _add_app_args(p, port=8000)
+    p.set_defaults(func=_serve)
+
+
+def _add_ui(sub) -> None:
+    p = sub.add_parser("ui", help="the desktop UI (Gradio) with the HTTP API on the same server")
+    p.add_argument("--server", default="127.0.0.1", help="address to bind (default 127.0.0.1; the official: 0.0.0.0)")
+    p.add_argument("--share", action="store_true", help="also make a public Gradio share link (needs a token)")
+    p.add_argument("--inbrowser", action="store_true", help="open the page in the default browser")
+    _add_app_args(p, port=7860)
+    p.set_defaults(func=_ui)
+
+
+def _app_missing() -> str | None:
+    """None when the app's extra dependencies import; else the message saying how to install them."""
+    import importlib.util
+
+    missing = [m for m in ("fastapi", "uvicorn", "multipart", "gradio") if importlib.util.find_spec(m) is None]
+    return f"the app needs {', '.join(missing)}: pip install 'framepack[app]'" if missing else None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    if (missing := _app_missing()) is not None:
+        print(f"error: {missing}", file=sys.stderr)
+        return 2
+    from framepack.app import api
+    from framepack.jobs import JobError
+
+    if (code := _check_exposure(args.host, args)) is not None:
+        return code
+    try:
+        queue = _open_queue(args)
+    except JobError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        app = api.create_app(queue, token=args.token, max_upload_bytes=int(args.max_upload_mb * 2**20))
+        sock = api.bind(args.host, args.port)
+        print(f"FramePack API on {api.url_of(sock)}/api/ (docs: /api/docs); model {args.model}, outputs "
+              f"{queue.outputs}", flush=True)  # fmt: skip
+        api.run(app, sock)
+    finally:
+        queue.close()
+    return 0
+
+
+def _ui(args: argparse.Namespace) -> int:
+    if (missing := _app_missing()) is not None:
+        print(f"error: {missing}", file=sys.stderr)
+        return 2
+    from framepack.app import api, ui
+    from framepack.jobs import JobError
+
+    if (code := _check_exposure(args.server, args, public=args.share)) is not None:
+        return code
+    try:
+        queue = _open_queue(args)
+    except JobError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        app = api.create_app(queue, token=args.token, max_upload_bytes=int(args.max_upload_mb * 2**20))
+        ui.mount(app, queue, token=args.token)
+        sock = api.bind(args.server, args.port)
+        url = api.url_of(sock)
+        print(f"FramePack UI on {url}/ (API: {url}/api/); model {args.model}, outputs {queue.outputs}", flush=True)
+        if args.share:
+            threading.Thread(target=_print_share_link, args=(args.server, sock.getsockname()[1]), daemon=True).start()
+        if args.inbrowser:
+            import webbrowser
+
+            threading.Timer(1.0, webbrowser.open, (f"{url}/",)).start()
+        api.run(app, sock)
+    finally:
+        queue.close()
+    return 0
+
+
+def _print_share_link(host: str, port: int) -> None:
+    from framepack.app import ui
+
+    try:
+        print(f"public share link: {ui.share(host, port)}", flush=True)
+    except Exception as err:  # no internet, or the share service is down: the local server goes on
+        print(f"warning: no share link ({err})", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------ train
+def _add_train(sub) -> None:
+    """`framepack train ...` (toy family, section trainer, packaging): defined in framepack.train.commands."""
+    from framepack.train.commands import register
+
+    register(sub)
+
+
 def main(argv: list[str] | None = None) -> int:
     from framepack.registry import REGISTRY
 
@@ -281,6 +453,9 @@ def main(argv: list[str] | None = None) -> int:
     d.set_defaults(func=_download)
     s = sub.add_parser("selftest", help="check the install on the built-in tiny transformer (offline, seconds)")
     s.set_defaults(func=_selftest)
+    _add_serve(sub)
+    _add_ui(sub)
+    _add_train(sub)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -1,0 +1,488 @@
+"""HTTP API: a thin FastAPI adapter over the job layer (`framepack.jobs.JobQueue`).
+
+`create_app(queue)` returns the app; every route lives under /api/ and the schema is served at
+/api/openapi.json (interactive docs at /api/docs). `framepack serve` runs it alone, `framepack ui`
+mounts the Gradio page on the same app, so both servers answer the same routes.
+
+    GET    /api/info                     version, models, upload limit, whether a token is required
+    GET    /api/params                   every generation parameter with its default (the JobParams schema)
+    POST   /api/jobs                     multipart: image (file), params (JSON object), model, preserved_memory_gb
+    GET    /api/jobs[?state=...]         queued jobs in run order, then the others (running first, newest first)
+    GET    /api/jobs/{id}                one job
+    POST   /api/jobs/{id}/cancel         queued: cancelled now; running: after the current step (valid MP4 kept)
+    DELETE /api/jobs/{id}                a job that is not running, with its files
+    POST   /api/jobs/{id}/move           {"position": n}: reorder a queued job (0 = next)
+    POST   /api/jobs/{id}/resume         re-queue an interrupted/cancelled/failed job from its last section
+    POST   /api/jobs/{id}/rerun          {"params": {...}, "model": ...}: a new job, this one's image and settings
+    GET    /api/jobs/{id}/events         Server-Sent Events, in order, ending with a terminal `state` event
+    GET    /api/jobs/{id}/video|sidecar|image|preview.png
+    GET    /api/files/{path}             any file inside the job folders (nothing outside them)
+
+Errors are JSON `{"detail": "..."}`: 401 missing/wrong token, 404 unknown job or file, 400 a path that
+leaves the outputs folder, 409 an operation that does not fit the job's state, 413 an upload over the
+limit, 422 bad parameters or an unusable image (the message names every problem).
+Auth: when a token is configured every /api/ request needs `Authorization: Bearer TOKEN` (or
+`?token=TOKEN`, for <video> tags and EventSource, which cannot set headers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import secrets
+import socket
+import typing
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any, Literal
+from urllib.parse import parse_qs
+
+from fastapi import FastAPI, File, Form, Header, Query, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+
+import framepack
+from framepack.config import GenerationRequest, RequestError
+from framepack.images import ImageError
+from framepack.jobs import (
+    STATES,
+    TERMINAL,
+    FileAccessError,
+    Job,
+    JobConflict,
+    JobError,
+    JobNotFound,
+    JobQueue,
+    request_fields,
+)
+
+DEFAULT_MAX_UPLOAD = 32 * 2**20
+_MULTIPART_SLACK = 2**20  # room for the params field and multipart headers on top of the image
+_KEEPALIVE_S = 15.0
+
+
+# ------------------------------------------------------------------------------------- models
+def _params_model() -> type[BaseModel]:
+    """A pydantic model with one field per client-settable GenerationRequest field (types and
+    defaults taken from the dataclass), so new request fields appear in the API and its schema."""
+    hints = typing.get_type_hints(GenerationRequest)
+    fields: dict[str, Any] = {}
+    for f in request_fields():
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = Field(default_factory=f.default_factory)
+        else:
+            default = ...
+        fields[f.name] = (hints[f.name], default)
+    return create_model(
+        "JobParams",
+        __config__=ConfigDict(extra="forbid"),
+        __doc__="Generation parameters (GenerationRequest fields); ranges are checked by the engine.",
+        **fields,
+    )
+
+
+JobParams = _params_model()
+
+
+class Progress(BaseModel):
+    stage: str | None = None
+    section: int | None = None  # 0-based, generation order
+    sections: int | None = None
+    step: int | None = None
+    steps: int | None = None
+    frames: int | None = None  # frames in the video so far
+    seconds: float | None = None
+    fraction: float | None = None
+    sections_done: int | None = None
+    text: str | None = None
+
+
+class JobResult(BaseModel):
+    frames: int | None = None
+    seconds: float | None = None
+    width: int | None = None
+    height: int | None = None
+    sections: int | None = None
+    sections_done: int | None = None
+    seed: int | None = None
+    peak_vram_bytes: int | None = None
+    peak_rss_bytes: int | None = None
+    total_s: float | None = None
+
+
+class JobLinks(BaseModel):
+    self: str
+    events: str
+    image: str
+    video: str | None = None
+    sidecar: str | None = None
+    preview: str | None = None
+
+
+class JobInfo(BaseModel):
+    id: str
+    state: Literal["queued", "running", "done", "failed", "cancelled", "interrupted"]
+    model: str
+    params: dict[str, Any]  # JobParams fields (a dict: records from older versions may differ)
+    options: dict[str, Any]
+    created: float
+    started: float | None
+    finished: float | None
+    position: int | None = Field(description="place in the queue, 0 = next; null unless queued")
+    progress: Progress
+    result: JobResult
+    error: str | None
+    resumable: bool
+    parent: str | None
+    links: JobLinks
+
+
+class MoveBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    position: int = Field(ge=0, description="new place in the queue, 0 = next (clamped to the queue length)")
+
+
+class RerunBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    params: dict[str, Any] = Field(default_factory=dict, description="JobParams fields to change")
+    model: str | None = None
+    preserved_memory_gb: float | None = None
+
+
+class Info(BaseModel):
+    version: str
+    models: list[str]
+    default_model: str
+    max_upload_bytes: int
+    auth: bool
+    jobs: dict[str, int]
+
+
+class ErrorBody(BaseModel):
+    detail: str
+
+
+_ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 409, 413, 422)}
+
+
+# ------------------------------------------------------------------------------------- the app
+def create_app(
+    queue: JobQueue,
+    *,
+    token: str | None = None,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
+) -> FastAPI:
+    """The FastAPI app serving `queue` under /api/. `token`: required on every /api/ request."""
+    app = FastAPI(
+        title="FramePack",
+        version=framepack.__version__,
+        description="Image-to-video jobs: submit, follow (SSE), download. Every route is under /api/.",
+        openapi_url="/api/openapi.json",
+        docs_url="/api/docs",
+        redoc_url=None,
+    )
+    app.state.queue = queue
+    app.add_middleware(_Guard, token=token, max_body=max_upload_bytes + _MULTIPART_SLACK)
+    _add_error_handlers(app, max_upload_bytes)
+
+    def info(job: Job) -> JobInfo:
+        base = f"/api/jobs/{job.id}"
+        links = JobLinks(
+            self=base,
+            events=f"{base}/events",
+            image=f"{base}/image",
+            video=f"{base}/video" if job.video or job.progress.get("video") else None,
+            sidecar=f"{base}/sidecar" if job.metadata else None,
+            preview=f"{base}/preview.png" if job.state == "running" else None,
+        )
+        progress = {k: v for k, v in job.progress.items() if k in Progress.model_fields}
+        result = {k: v for k, v in job.result.items() if k in JobResult.model_fields}
+        return JobInfo(
+            id=job.id, state=job.state, model=job.model, params=job.params(), options=job.options,
+            created=job.created, started=job.started, finished=job.finished, position=job.position,
+            progress=Progress(**progress), result=JobResult(**result), error=job.error, resumable=job.resumable,
+            parent=job.parent, links=links,
+        )  # fmt: skip
+
+    @app.get("/api/info", response_model=Info, tags=["server"])
+    def get_info() -> Info:
+        return Info(version=framepack.__version__, models=list(queue.models), default_model=queue.default_model,
+                    max_upload_bytes=max_upload_bytes, auth=token is not None, jobs=queue.counts())  # fmt: skip
+
+    @app.get("/api/params", response_model=JobParams, tags=["server"])
+    def get_params() -> Any:
+        """Every generation parameter a job accepts, with its default."""
+        return JobParams()
+
+    @app.post("/api/jobs", status_code=201, response_model=JobInfo, responses=_ERRORS, tags=["jobs"])
+    async def submit(
+        image: Annotated[UploadFile, File(description="start image: PNG, JPEG, WebP, GIF, BMP, TIFF, AVIF...")],
+        params: Annotated[str, Form(description="JSON object of JobParams fields (see /api/params)")] = "{}",
+        model: Annotated[str | None, Form(description="model name (see /api/info); default the server's")] = None,
+        preserved_memory_gb: Annotated[float | None, Form(description="GPU memory to leave free")] = None,
+        end_image: Annotated[UploadFile | None, File(description="original model: the video ends near it")] = None,
+    ) -> JobInfo:
+        data = await _read_upload(image, "image", max_upload_bytes)
+        uploads = {"end_image": await _read_upload(end_image, "end_image", max_upload_bytes)} if end_image else {}
+        fields = _parse_params(params)
+        options = {"preserved_memory_gb": preserved_memory_gb}
+        job = await run_in_threadpool(queue.submit, data, fields, model=model, options=options, uploads=uploads)
+        return info(job)
+
+    @app.get("/api/jobs", response_model=list[JobInfo], tags=["jobs"])
+    def list_jobs(
+        state: Annotated[list[Literal[STATES]] | None, Query(description="only jobs in these states")] = None,  # type: ignore[valid-type]
+    ) -> list[JobInfo]:
+        return [info(j) for j in queue.list(state)]
+
+    @app.get("/api/jobs/{job_id}", response_model=JobInfo, responses=_ERRORS, tags=["jobs"])
+    def get_job(job_id: str) -> JobInfo:
+        return info(queue.get(job_id))
+
+    @app.post("/api/jobs/{job_id}/cancel", response_model=JobInfo, responses=_ERRORS, tags=["jobs"])
+    def cancel_job(job_id: str) -> JobInfo:
+        return info(queue.cancel(job_id))
+
+    @app.delete("/api/jobs/{job_id}", status_code=204, responses=_ERRORS, tags=["jobs"])
+    def delete_job(job_id: str) -> Response:
+        queue.delete(job_id)
+        return Response(status_code=204)
+
+    @app.post("/api/jobs/{job_id}/move", response_model=JobInfo, responses=_ERRORS, tags=["jobs"])
+    def move_job(job_id: str, body: MoveBody) -> JobInfo:
+        return info(queue.move(job_id, body.position))
+
+    @app.post("/api/jobs/{job_id}/resume", response_model=JobInfo, responses=_ERRORS, tags=["jobs"])
+    def resume_job(job_id: str) -> JobInfo:
+        return info(queue.resume(job_id))
+
+    @app.post("/api/jobs/{job_id}/rerun", status_code=201, response_model=JobInfo, responses=_ERRORS, tags=["jobs"])
+    def rerun_job(job_id: str, body: RerunBody | None = None) -> JobInfo:
+        body = body or RerunBody()
+        merged = {**queue.get(job_id).params(), **body.params}
+        fields = _validated(merged)
+        return info(queue.rerun(job_id, fields, model=body.model,
+                                options={"preserved_memory_gb": body.preserved_memory_gb}))  # fmt: skip
+
+    @app.get(
+        "/api/jobs/{job_id}/events", tags=["jobs"], responses={**_ERRORS, 200: {"content": {"text/event-stream": {}}}}
+    )
+    async def job_events(
+        job_id: str,
+        after: Annotated[int, Query(description="only events with a larger seq (resume a stream)")] = 0,
+        last_event_id: Annotated[str | None, Header()] = None,
+    ) -> StreamingResponse:
+        """Server-Sent Events: one JSON object per event (`event:` is its type, `id:` its seq), in
+        order, ending with a `state` event whose state is terminal (done, failed, cancelled, interrupted)."""
+        queue.get(job_id)  # 404 before the stream starts
+        if last_event_id and last_event_id.isdigit():  # EventSource reconnects say where they stopped
+            after = max(after, int(last_event_id))
+        return StreamingResponse(_sse(queue, job_id, after), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
+
+    @app.get("/api/jobs/{job_id}/video", response_class=FileResponse, responses=_ERRORS, tags=["files"])
+    def get_video(job_id: str) -> FileResponse:
+        """The MP4 (while running: the video of the finished sections so far). Range requests work."""
+        job = queue.get(job_id)
+        rel = job.video or job.progress.get("video")
+        if not rel:
+            raise JobNotFound(f"job {job_id} ({job.state}) has no video yet")
+        return FileResponse(queue.file(rel), media_type="video/mp4", filename=f"{job_id}.mp4",
+                            content_disposition_type="inline")  # fmt: skip
+
+    @app.get("/api/jobs/{job_id}/sidecar", response_class=FileResponse, responses=_ERRORS, tags=["files"])
+    def get_sidecar(job_id: str) -> FileResponse:
+        """The JSON sidecar: every setting, model ids, versions, timings, peak memory."""
+        return FileResponse(queue.job_file(job_id, "metadata"), media_type="application/json",
+                            filename=f"{job_id}.json")  # fmt: skip
+
+    @app.get("/api/jobs/{job_id}/image", response_class=FileResponse, responses=_ERRORS, tags=["files"])
+    def get_image(job_id: str) -> FileResponse:
+        return FileResponse(queue.job_file(job_id, "image"), media_type="image/png")
+
+    @app.get("/api/jobs/{job_id}/preview.png", responses=_ERRORS, tags=["files"])
+    def get_preview(job_id: str) -> Response:
+        """The latest latent preview of a running job's current section."""
+        png = queue.preview_png(job_id)
+        if png is None:
+            raise JobNotFound(f"job {job_id} has no preview (only a running job has one)")
+        return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})
+
+    @app.get("/api/files/{path:path}", response_class=FileResponse, responses=_ERRORS, tags=["files"])
+    def get_file(path: str) -> FileResponse:
+        """A file inside the job folders, by its path relative to them (e.g. `<id>/video.json`)."""
+        return FileResponse(queue.file(path))
+
+    return app
+
+
+async def _read_upload(upload: UploadFile, name: str, limit: int) -> bytes:
+    data = await upload.read(limit + 1)
+    if len(data) > limit:
+        raise _TooLarge(limit)
+    if not data:
+        raise ImageError(f"the uploaded {name} is empty (0 bytes)")
+    return data
+
+
+def _parse_params(text: str) -> dict:
+    try:
+        fields = json.loads(text or "{}")
+    except json.JSONDecodeError as err:
+        raise RequestError(f"params is not valid JSON: {err}") from None
+    if not isinstance(fields, dict):
+        raise RequestError(f"params must be a JSON object, got {type(fields).__name__}")
+    return _validated(fields)
+
+
+def _validated(fields: dict) -> dict:
+    """Type-check against JobParams (one line per problem); ranges are checked by the request itself."""
+    try:
+        model = JobParams.model_validate(fields)
+    except ValidationError as err:
+        problems = [f"{'.'.join(str(p) for p in e['loc']) or 'params'}: {e['msg']}" for e in err.errors()]
+        raise RequestError("invalid request: " + "; ".join(problems)) from None
+    return model.model_dump(include=set(fields))
+
+
+async def _sse(queue: JobQueue, job_id: str, after: int) -> AsyncIterator[str]:
+    loop = asyncio.get_running_loop()
+    last_sent = loop.time()
+    while True:
+        try:
+            batch = queue.events(job_id, after)  # in memory, under a lock held only for microseconds
+        except JobError:  # deleted while streaming
+            yield _frame({"type": "state", "state": "deleted", "job": job_id, "seq": after + 1})
+            return
+        for event in batch:
+            after = max(after, event["seq"])
+            yield _frame(_public_event(event))
+            last_sent = loop.time()
+            if event["type"] == "state" and event["state"] in TERMINAL:
+                return
+        # A closed connection ends the stream from Starlette's side (the response watches for it).
+        if loop.time() - last_sent > _KEEPALIVE_S:
+            yield ": keep-alive\n\n"  # a comment line: keeps proxies from closing an idle stream
+            last_sent = loop.time()
+        await asyncio.sleep(0.1)
+
+
+def _public_event(event: dict) -> dict:
+    out = dict(event)
+    base = f"/api/jobs/{event['job']}"
+    if out.get("video"):
+        out["video"] = f"{base}/video"
+    if out["type"] == "step":
+        out["preview"] = f"{base}/preview.png?seq={event['seq']}"
+    return out
+
+
+def _frame(event: dict) -> str:
+    return f"id: {event['seq']}\nevent: {event['type']}\ndata: {json.dumps(event, separators=(',', ':'))}\n\n"
+
+
+# ------------------------------------------------------------------------------------- errors
+class _TooLarge(Exception):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the upload is larger than the limit of {_mb(limit)} (set with --max-upload-mb)")
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:g} MB"
+
+
+def _add_error_handlers(app: FastAPI, max_upload_bytes: int) -> None:
+    def handler(status: int) -> Callable:
+        async def handle(request: Request, exc: Exception) -> JSONResponse:
+            return JSONResponse({"detail": str(exc)}, status_code=status)
+
+        return handle
+
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own checks (a missing upload, a malformed body): one readable line like ours.
+        problems = [f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}" for e in exc.errors()]
+        return JSONResponse({"detail": "invalid request: " + "; ".join(problems)}, status_code=422)
+
+    app.add_exception_handler(RequestValidationError, invalid)
+    for exc_type, status in ((JobNotFound, 404), (FileAccessError, 400), (JobConflict, 409), (JobError, 409),
+                             (RequestError, 422), (ImageError, 422), (_TooLarge, 413)):  # fmt: skip
+        app.add_exception_handler(exc_type, handler(status))
+
+
+class _Guard:
+    """ASGI middleware for /api/: the token check, and refusing oversized bodies from their
+    Content-Length before any byte is read (a chunked upload is still capped by the route)."""
+
+    def __init__(self, app: Any, *, token: str | None, max_body: int) -> None:
+        self.app, self.token, self.max_body = app, token, max_body
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/api/"):
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if self.token is not None and not self._authorised(headers, scope.get("query_string", b"")):
+            body = {"detail": "a token is required: send 'Authorization: Bearer TOKEN' (or ?token=TOKEN)"}
+            await _send_json(send, 401, body, [(b"www-authenticate", b"Bearer")])
+            return
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_body:
+            detail = f"the request body is {_mb(int(length))}, over the upload limit (--max-upload-mb)"
+            await _send_json(send, 413, {"detail": detail})
+            return
+        await self.app(scope, receive, send)
+
+    def _authorised(self, headers: dict[str, str], query: bytes) -> bool:
+        given = ""
+        auth = headers.get("authorization", "")
+        if auth.lower().startswith("bearer "):
+            given = auth[7:].strip()
+        else:
+            given = (parse_qs(query.decode("latin-1")).get("token") or [""])[0]
+        return secrets.compare_digest(given.encode(), self.token.encode())
+
+
+async def _send_json(send: Callable, status: int, body: dict, extra: list | None = None) -> None:
+    data = json.dumps(body).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()), *(extra or [])]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": data})
+
+
+# ------------------------------------------------------------------------------------- serving
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket (port 0: an ephemeral port, read it back from getsockname)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host.strip("[]"), port))
+    sock.listen(2048)
+    return sock
+
+
+def run(app: Any, sock: socket.socket, *, log_level: str = "warning") -> None:
+    """Serve `app` on `sock` until SIGINT/SIGTERM (uvicorn), then return."""
+    import uvicorn
+
+    config = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=3)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}"

@@ -1,0 +1,565 @@
+"""Desktop UI (Gradio): the official FramePack page (spec §7) over the job queue, plus a queue panel,
+a history and model / resolution choice.
+
+Thin: every action is one `framepack.jobs.JobQueue` call in-process, and the page follows jobs with
+two timers (the watched job every 0.5 s, queue and history every 2 s) that send only what changed.
+So a job keeps running when its tab closes, "Start Generation" while a job runs queues another one
+(the official page refuses), and several tabs see the same queue.
+
+Parity with the official page: image upload, prompt, quick prompts, Start/End, every control with
+the official default and range (the hidden ones are under "Advanced"), "Next Latents" preview,
+the growing "Finished Frames" video, the progress text and bar. Deviations: MP4 Compression is
+0..51 (x264's range; the official slider allows 0..100, which fails above 51), and GPU preserved
+memory has an "automatic" switch, on by default (the engine's own planner; off = the official 6 GB).
+
+`CONTROLS` is the one list of generation controls: a new GenerationRequest field gets a widget by
+adding one `Control` there; settings load into it and are submitted from it by field name.
+`mount(app, queue)` puts the page at / of a FastAPI app (the HTTP API's, so one server has both).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import secrets
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from framepack.config import SAMPLERS, GenerationRequest
+from framepack.jobs import INPUT, SERVER_FIELDS, TERMINAL, Job, JobError, JobQueue, stage_label, upload_fields
+
+QUICK_PROMPTS = (
+    "The girl dances gracefully, with clear movements, full of charm.",
+    "A character doing some simple body movements.",
+)
+INVERTED_NOTE = (
+    "Note that the ending actions will be generated before the starting actions due to the inverted "
+    "sampling. If the starting action is not in the video, you just need to wait, and more sections will "
+    "be generated."
+)
+FPS = 30
+_DEFAULT = object()  # "the GenerationRequest default"
+_AUTO_RES = "auto"
+
+CSS = """
+.no-generating-animation > .generating { display: none !important; }
+.no-generating-animation [data-testid="status-tracker"] { display: none !important; }
+.fp-progress { display: flex; align-items: center; gap: 12px; }
+.fp-progress progress { flex: 1; height: 16px; }
+.fp-progress span { white-space: nowrap; }
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class Control:
+    """One widget bound to a GenerationRequest field (or, with `option`, a per-job runtime option)."""
+
+    field: str
+    label: str
+    kind: str  # "slider" | "number" | "checkbox" | "text" | "dropdown"
+    minimum: float | None = None
+    maximum: float | None = None
+    step: float | None = None
+    info: str | None = None
+    advanced: bool = False  # hidden on the official page: under "Advanced"
+    default: Any = _DEFAULT
+    choices: tuple | None = None
+    option: bool = False  # a job option (JobQueue.submit options), not a request field
+
+    def initial(self) -> Any:
+        if self.default is not _DEFAULT:
+            return self.default
+        return {f.name: f.default for f in dataclasses.fields(GenerationRequest)}[self.field]
+
+    def build(self) -> gr.components.Component:
+        kw: dict[str, Any] = {"label": self.label, "value": self.initial(), "elem_id": f"fp-{self.field}"}
+        if self.info:
+            kw["info"] = self.info
+        if self.kind == "slider":
+            return gr.Slider(self.minimum, self.maximum, step=self.step, **kw)
+        if self.kind == "number":
+            return gr.Number(precision=0, **kw)
+        if self.kind == "checkbox":
+            return gr.Checkbox(**kw)
+        if self.kind == "text":
+            return gr.Textbox(**kw)
+        if self.kind == "dropdown":
+            return gr.Dropdown(choices=list(self.choices or ()), **kw)
+        raise ValueError(f"unknown control kind {self.kind!r}")
+
+
+# The official controls (spec §7 table, same order), then ours. Add new request fields here.
+CONTROLS: tuple[Control, ...] = (
+    Control("teacache", "Use TeaCache", "checkbox",
+            info="Faster speed, but often makes hands and fingers slightly worse."),
+    Control("negative_prompt", "Negative Prompt", "text", advanced=True),
+    Control("seed", "Seed", "number"),
+    Control("seconds", "Total Video Length (Seconds)", "slider", 1, 120, 0.1),
+    Control("window", "Latent Window Size", "slider", 1, 33, 1, advanced=True),
+    Control("steps", "Steps", "slider", 1, 100, 1, info="Changing this value is not recommended."),
+    Control("cfg", "CFG Scale", "slider", 1, 32, 0.01, advanced=True),
+    Control("distilled_guidance", "Distilled CFG Scale", "slider", 1, 32, 0.01),
+    Control("cfg_rescale", "CFG Re-Scale", "slider", 0, 1, 0.01, advanced=True),
+    Control("preserved_memory_auto", "Automatic GPU preserved memory (recommended)", "checkbox", default=True,
+            option=True, info="Off: keep the amount below free, as the official page does."),
+    Control("preserved_memory_gb", "GPU Inference Preserved Memory (GB) (larger means slower)", "slider", 6, 128,
+            0.1, default=6.0, option=True),
+    Control("crf", "MP4 Compression", "slider", 0, 51, 1,
+            info="Lower means better quality. 0 is uncompressed. Change to 16 if you get black outputs."),
+    Control("sampler", "Sampler", "dropdown", choices=SAMPLERS, advanced=True),
+    Control("teacache_threshold", "TeaCache threshold (0.1: about 1.6x, 0.15: about 2.1x faster)", "slider", 0, 1,
+            0.01, advanced=True),
+    Control("prompt_blend", "Blend timestamped prompts ('[0s: ...] [2.5s: ...]') over a section", "checkbox",
+            advanced=True),
+    Control("end_strength", "End frame strength", "slider", 0, 1, 0.01, advanced=True),
+    Control("end_embedding_weight", "End frame share of the image embedding", "slider", 0, 1, 0.01, advanced=True),
+)  # fmt: skip
+
+
+def _present(controls: tuple[Control, ...]) -> tuple[Control, ...]:
+    """The controls whose request field exists in this version (the list may run ahead of the engine)."""
+    names = {f.name for f in dataclasses.fields(GenerationRequest)}
+    return tuple(c for c in controls if c.option or c.field in names)
+
+
+# ------------------------------------------------------------------------------------- pure helpers
+def collect(controls: tuple[Control, ...], values: list[Any], base: dict | None = None) -> tuple[dict, dict]:
+    """Widget values -> (request params, job options). `base`: params of a loaded job, kept for the
+    fields without a widget."""
+    params = {k: v for k, v in (base or {}).items() if k not in SERVER_FIELDS}
+    raw = {c.field: v for c, v in zip(controls, values)}
+    for c in controls:
+        if c.option:
+            continue
+        value = raw[c.field]
+        if c.kind == "number" or (c.kind == "slider" and float(c.step or 1).is_integer()):
+            value = round(float(value))  # sliders send floats; integer fields must stay integers
+        elif c.kind == "slider":
+            value = float(value)
+        params[c.field] = value
+    options = {}
+    if "preserved_memory_auto" in raw and not raw["preserved_memory_auto"]:
+        options["preserved_memory_gb"] = float(raw["preserved_memory_gb"])
+    return params, options
+
+
+def settings_of(job: Job, controls: tuple[Control, ...]) -> tuple[list[Any], dict]:
+    """A job's stored settings -> (widget values in `controls` order, the params without a widget)."""
+    params = job.params()
+    values = []
+    for c in controls:
+        if c.field == "preserved_memory_auto":
+            values.append("preserved_memory_gb" not in job.options)
+        elif c.field == "preserved_memory_gb":
+            values.append(job.options.get("preserved_memory_gb", c.initial()))
+        else:
+            values.append(params.get(c.field, c.initial()))
+    rest = {k: v for k, v in params.items() if k not in {c.field for c in controls} | {"prompt", "resolution"}}
+    return values, rest
+
+
+def progress_texts(job: Job) -> tuple[str, str]:
+    """(description markdown, progress bar HTML) in the official wording, plus section and state."""
+    p = job.progress
+    if job.state == "queued":
+        return f"Queued: {job.position} job(s) before this one ...", _bar(0, "Waiting in the queue ...")
+    if job.state == "running":
+        frames = p.get("frames") or 0
+        desc = (f"Total generated frames: {frames}, Video length: {frames / FPS:.2f} seconds (FPS-30). "
+                "The video is being extended now ...")  # fmt: skip
+        if p.get("sections") and p.get("section") is not None:
+            section = f"Section {p['section'] + 1}/{p['sections']}"
+            if p.get("stage") == "sampling" and p.get("steps"):
+                hint = f"{section} · Sampling {p['step']}/{p['steps']}"
+                pct = int(100 * p["step"] / p["steps"])
+            else:
+                hint, pct = f"{section} · {stage_label(p.get('stage'))} ...", 100
+            return f"{desc}  \n{hint}", _bar(pct, hint)
+        hint = f"{stage_label(p.get('stage'))} ..."
+        return hint, _bar(0, hint)
+    r = job.result
+    if job.state == "done":
+        mem = _memory(r)
+        return f"Finished: {r.get('frames', 0)} frames, {r.get('seconds', 0):.2f} s{mem}.", ""
+    done = p.get("sections_done") or r.get("sections_done") or 0
+    tail = f" {done} section(s) finished." if done else ""
+    message = f"{job.state.capitalize()}.{tail}"
+    if job.error and job.state != "cancelled":
+        message += f" {job.error}"
+    return message, ""
+
+
+def _memory(r: dict) -> str:
+    parts = []
+    if r.get("peak_vram_bytes"):
+        parts.append(f"peak VRAM {r['peak_vram_bytes'] / 2**30:.2f} GiB")
+    if r.get("peak_rss_bytes"):
+        parts.append(f"peak RAM {r['peak_rss_bytes'] / 2**30:.2f} GiB")
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+def _bar(percent: int, hint: str) -> str:
+    return (f'<div class="fp-progress"><progress value="{percent}" max="100"></progress>'
+            f"<span>{html.escape(hint)}</span></div>")  # fmt: skip
+
+
+def queue_rows(jobs: list[Job]) -> list[list[Any]]:
+    return [[j.id, j.state if j.state != "queued" else f"queued #{j.position + 1}", j.model,
+             _short(j.request.get("prompt", "")), j.progress.get("text") or ""] for j in jobs]  # fmt: skip
+
+
+def history_rows(jobs: list[Job]) -> list[list[Any]]:
+    rows = []
+    for j in jobs:
+        r = j.result
+        size = f"{r['width']}x{r['height']}" if r.get("width") else ""
+        vram = f"{r['peak_vram_bytes'] / 2**30:.2f}" if r.get("peak_vram_bytes") else ""
+        ram = f"{r['peak_rss_bytes'] / 2**30:.2f}" if r.get("peak_rss_bytes") else ""
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(j.finished or j.created))
+        rows.append([j.id, j.state, j.model, _short(j.request.get("prompt", "")), j.request.get("seconds"),
+                     j.request.get("seed"), j.request.get("steps"), r.get("frames"), size, vram, ram, when,
+                     (j.error or "")[:120]])  # fmt: skip
+    return rows
+
+
+def _short(text: str, n: int = 60) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+# ------------------------------------------------------------------------------------- the page
+def build(queue: JobQueue, *, title: str = "FramePack") -> gr.Blocks:
+    """The Blocks page for `queue` (not launched: see `mount`)."""
+    controls = _present(CONTROLS)
+    from framepack.registry import REGISTRY
+
+    spec = REGISTRY.get(queue.default_model)
+    forward = spec is not None and spec.schedule == "forward"  # F1: its own title, no inverted-order note
+    uploads = upload_fields()
+    resolutions = [("model default", _AUTO_RES)] + [(str(b), str(b)) for b in range(64, 1281, 32)]
+
+    with gr.Blocks(title=title, delete_cache=(3600, 86400)) as demo:
+        gr.Markdown(f"# {title}" + ("-F1" if forward else ""))
+        watch = gr.State({"jobs": []})
+        base_params = gr.State({})
+        with gr.Row():
+            with gr.Column():
+                image = gr.Image(sources=["upload"], type="numpy", label="Image", height=320, elem_id="fp-image")
+                prompt = gr.Textbox(label="Prompt", value="", elem_id="fp-prompt")
+                quick = gr.Dataset(samples=[[p] for p in QUICK_PROMPTS], label="Quick List", samples_per_page=1000,
+                                   components=[prompt])  # fmt: skip
+                quick.click(lambda x: x[0], inputs=[quick], outputs=prompt, show_progress="hidden", queue=False)
+                with gr.Row():
+                    start = gr.Button("Start Generation", variant="primary", elem_id="fp-start")
+                    end = gr.Button("End Generation", interactive=False, elem_id="fp-end")
+                with gr.Group():
+                    with gr.Row():
+                        model = gr.Dropdown(list(queue.models), value=queue.default_model, label="Model",
+                                            elem_id="fp-model")  # fmt: skip
+                        resolution = gr.Dropdown(resolutions, value=_AUTO_RES, elem_id="fp-resolution",
+                                                 label="Resolution (bucket base, px)")  # fmt: skip
+                    widgets = [c.build() for c in controls if not c.advanced]
+                with gr.Accordion("Advanced", open=False):
+                    advanced = [c.build() for c in controls if c.advanced]
+                    end_image = None
+                    if "end_image" in uploads:
+                        end_image = gr.Image(sources=["upload"], type="numpy", label="End frame (original model)",
+                                             height=200, elem_id="fp-end-image")  # fmt: skip
+                    carried = gr.Markdown("")
+                ordered = [c for c in controls if not c.advanced] + [c for c in controls if c.advanced]
+                control_widgets = widgets + advanced
+            with gr.Column():
+                preview = gr.Image(label="Next Latents", height=200, visible=False, interactive=False)
+                video = gr.Video(label="Finished Frames", autoplay=True, loop=True, height=512, interactive=False,
+                                 buttons=["download"], elem_id="fp-video")  # fmt: skip
+                if not forward:
+                    gr.Markdown(INVERTED_NOTE)
+                desc = gr.Markdown("", elem_classes="no-generating-animation", elem_id="fp-progress-desc")
+                bar = gr.HTML("", elem_classes="no-generating-animation", elem_id="fp-progress-bar")
+                status = gr.Markdown("", elem_id="fp-status")
+        with gr.Tabs():
+            with gr.Tab("Queue"):
+                queue_table = gr.Dataframe(headers=["job", "state", "model", "prompt", "progress"], value=[],
+                                           interactive=False, elem_id="fp-queue-table")  # fmt: skip
+                with gr.Row():
+                    queue_pick = gr.Dropdown([], label="Queued or running job", elem_id="fp-queue-pick", scale=3)
+                    cancel_btn = gr.Button("Cancel job", variant="stop", elem_id="fp-queue-cancel")
+                    up_btn = gr.Button("Move up", elem_id="fp-queue-up")
+                    down_btn = gr.Button("Move down", elem_id="fp-queue-down")
+                    next_btn = gr.Button("Run next", elem_id="fp-queue-next")
+            with gr.Tab("History"):
+                history_table = gr.Dataframe(
+                    headers=["job", "state", "model", "prompt", "seconds", "seed", "steps", "frames", "size",
+                             "peak VRAM GiB", "peak RAM GiB", "when", "error"],
+                    value=[], interactive=False, elem_id="fp-history-table")  # fmt: skip
+                with gr.Row():
+                    hist_pick = gr.Dropdown([], label="Past job", elem_id="fp-history-pick", scale=3)
+                    load_btn = gr.Button("Load settings", elem_id="fp-load")
+                    resume_btn = gr.Button("Resume", elem_id="fp-resume")
+                    delete_btn = gr.Button("Delete", variant="stop", elem_id="fp-delete")
+                with gr.Row():
+                    hist_video = gr.Video(label="Video", height=320, interactive=False)
+                    with gr.Column():
+                        hist_params = gr.JSON(label="Parameters")
+                        hist_files = gr.File(label="Downloads (MP4 and sidecar)", file_count="multiple",
+                                             interactive=False)  # fmt: skip
+        gr.HTML('<div style="text-align:center;margin-top:20px">Share your results and find ideas at the '
+                '<a href="https://x.com/search?q=framepack&f=live" target="_blank">FramePack Twitter (X) '
+                "thread</a></div>")  # fmt: skip
+        fast, slow = gr.Timer(0.5), gr.Timer(2.0)
+        panel = gr.State({})
+
+        # ---------------------------------------------------------------- handlers (thin)
+        def on_start(img, text, model_name, res, *rest):
+            *values, end_img, session, base = rest
+            if img is None:
+                raise gr.Error("Upload a start image first.")
+            params, options = collect(tuple(ordered), values, base)
+            params["prompt"] = text or ""
+            params["resolution"] = None if res in (None, _AUTO_RES) else int(res)
+            try:
+                job = queue.submit(img, params, model=model_name, options=options,
+                                   uploads={"end_image": end_img} if end_img is not None else None)  # fmt: skip
+            except (ValueError, JobError) as err:  # RequestError / ImageError: the user's to fix
+                raise gr.Error(str(err)) from None
+            jobs = [*session.get("jobs", []), job.id]
+            where = "starts now" if job.position == 0 and not _busy(queue) else f"is queued (#{job.position + 1})"
+            return {**session, "jobs": jobs}, gr.update(interactive=True), f"Job `{job.id}` {where}."
+
+        start.click(on_start, inputs=[image, prompt, model, resolution, *control_widgets,
+                                      end_image if end_image is not None else gr.State(None), watch, base_params],
+                    outputs=[watch, end, status], concurrency_limit=None)  # fmt: skip
+
+        def on_end(session):
+            job_id = _watched(queue, session)
+            if job_id:
+                try:
+                    queue.cancel(job_id)
+                except JobError as err:
+                    return f"{err}"
+                return f"Ending job `{job_id}` after the current step ..."
+            return "No job to end."
+
+        end.click(on_end, inputs=[watch], outputs=[status], concurrency_limit=None)
+
+        def on_fast(session):
+            return _follow(queue, session)
+
+        fast.tick(on_fast, inputs=[watch], outputs=[preview, video, desc, bar, end, watch], show_progress="hidden",
+                  concurrency_limit=None)  # fmt: skip
+
+        def on_slow(state, q_value, h_value):
+            return _panels(queue, state, q_value, h_value)
+
+        slow.tick(on_slow, inputs=[panel, queue_pick, hist_pick], outputs=[queue_table, queue_pick, history_table,
+                  hist_pick, panel], show_progress="hidden", concurrency_limit=None)  # fmt: skip
+
+        def queue_action(action: Callable[[str], Any], verb: str) -> Callable:
+            def run(job_id):
+                if not job_id:
+                    return "Pick a job in the queue first."
+                try:
+                    action(job_id)
+                except JobError as err:
+                    return str(err)
+                return f"Job `{job_id}` {verb}."
+
+            return run
+
+        def moved(delta: int) -> Callable[[str], Any]:
+            return lambda job_id: queue.move(job_id, max(0, (queue.get(job_id).position or 0) + delta))
+
+        for btn, action, verb in ((cancel_btn, queue.cancel, "cancelled"), (up_btn, moved(-1), "moved up"),
+                                  (down_btn, moved(1), "moved down"),
+                                  (next_btn, lambda j: queue.move(j, 0), "runs next")):  # fmt: skip
+            btn.click(queue_action(action, verb), inputs=[queue_pick], outputs=[status], concurrency_limit=None)
+
+        def on_pick(job_id):
+            if not job_id:
+                return None, None, None
+            try:
+                job = queue.get(job_id)
+            except JobError as err:
+                return None, {"error": str(err)}, None
+            files = [str(p) for p in _files(queue, job)]
+            video_path = next((f for f in files if f.endswith(".mp4")), None)
+            info = {"state": job.state, "model": job.model, "params": job.params(), "options": job.options,
+                    "result": job.result, "error": job.error, "resumable": job.resumable}  # fmt: skip
+            return video_path, info, files or None
+
+        hist_pick.change(on_pick, inputs=[hist_pick], outputs=[hist_video, hist_params, hist_files])
+
+        def on_table_select(evt: gr.SelectData):
+            row = evt.row_value or []
+            return row[0] if row else gr.skip()
+
+        history_table.select(on_table_select, outputs=[hist_pick])
+        queue_table.select(on_table_select, outputs=[queue_pick])
+
+        def on_load(job_id):
+            if not job_id:
+                raise gr.Error("Pick a past job first.")
+            job = queue.get(job_id)
+            values, rest = settings_of(job, tuple(ordered))
+            res = job.request.get("resolution")
+            img = queue.jobs_dir / job.id / INPUT
+            end = queue.jobs_dir / job.id / "end_image.png"
+            note = f"Carried over from job `{job.id}` (no widget): `{rest}`" if rest else ""
+            out = [str(img) if img.is_file() else None, job.request.get("prompt", ""), job.model,
+                   str(res) if res else _AUTO_RES, *values]  # fmt: skip
+            if end_image is not None:
+                out.append(str(end) if end.is_file() else None)
+            return [*out, rest, note]
+
+        load_outputs = [image, prompt, model, resolution, *control_widgets]
+        if end_image is not None:
+            load_outputs.append(end_image)
+        load_btn.click(on_load, inputs=[hist_pick], outputs=[*load_outputs, base_params, carried])
+
+        def on_resume(job_id, session):
+            if not job_id:
+                raise gr.Error("Pick a past job first.")
+            try:
+                queue.resume(job_id)
+            except JobError as err:
+                raise gr.Error(str(err)) from None
+            jobs = [*session.get("jobs", []), job_id]
+            return {**session, "jobs": jobs}, f"Job `{job_id}` resumes from its last section."
+
+        resume_btn.click(on_resume, inputs=[hist_pick, watch], outputs=[watch, status])
+
+        def on_delete(job_id):
+            if not job_id:
+                raise gr.Error("Pick a past job first.")
+            try:
+                queue.delete(job_id)
+            except JobError as err:
+                raise gr.Error(str(err)) from None
+            return f"Job `{job_id}` deleted.", None, None, None, None
+
+        delete_btn.click(on_delete, inputs=[hist_pick],
+                         outputs=[status, hist_pick, hist_video, hist_params, hist_files])  # fmt: skip
+    return demo
+
+
+def _busy(queue: JobQueue) -> bool:
+    return bool(queue.list(["running"]))
+
+
+def _watched(queue: JobQueue, session: dict) -> str | None:
+    """The session's job to show: the one shown, until it ends and another of the session's jobs is
+    still to run (so a finished video stays up when a later job is cancelled)."""
+    current = session.get("shown", {}).get("job")
+    try:
+        if current and not queue.get(current).terminal:
+            return current
+    except JobError:
+        current = None
+    for job_id in session.get("jobs", []):
+        try:
+            if job_id != current and not queue.get(job_id).terminal:
+                return job_id
+        except JobError:
+            continue
+    if current:
+        return current
+    return session["jobs"][-1] if session.get("jobs") else None
+
+
+def _follow(queue: JobQueue, session: dict) -> list:
+    """One fast tick: the watched job's preview, video, progress and End button, only where changed."""
+    skip = gr.skip()
+    job_id = _watched(queue, session)
+    if job_id is None:
+        return [skip] * 5 + [session]
+    try:
+        job = queue.get(job_id)
+    except JobError:  # deleted meanwhile
+        return [skip] * 5 + [{**session, "jobs": [j for j in session["jobs"] if j != job_id], "shown": {}}]
+    shown = dict(session.get("shown") or {})
+    out: list[Any] = [skip] * 5
+    if shown.get("job") != job_id:
+        shown = {"job": job_id}
+        out[0] = gr.update(visible=False)  # the previous job's latents
+    found = queue.preview(job_id) if job.state == "running" else None
+    if found is not None and found[0] != shown.get("preview"):
+        out[0] = gr.update(value=found[1], visible=True)
+        shown["preview"] = found[0]
+    elif found is None and shown.get("preview") is not None and job.terminal:
+        out[0] = gr.update(visible=False)  # hidden at the end, as the official page does
+        shown["preview"] = None
+    rel = job.video or job.progress.get("video")
+    if rel:
+        try:
+            path = queue.file(rel)
+            key = f"{rel}:{path.stat().st_mtime_ns}:{job.state in TERMINAL}"
+        except (JobError, OSError):
+            path, key = None, None
+        if path is not None and key != shown.get("video"):
+            out[1] = str(path)
+            shown["video"] = key
+    text, bar = progress_texts(job)
+    if (text, bar) != (shown.get("desc"), shown.get("bar")):
+        out[2], out[3] = text, bar
+        shown["desc"], shown["bar"] = text, bar
+    running = not job.terminal
+    if running != shown.get("running"):
+        out[4] = gr.update(interactive=running)
+        shown["running"] = running
+    return [*out, {**session, "shown": shown}]
+
+
+def _panels(queue: JobQueue, state: dict, q_value: str | None, h_value: str | None) -> list:
+    """One slow tick: the queue and history tables and their pickers, only where changed."""
+    skip = gr.skip()
+    jobs = queue.list()
+    pending = [j for j in jobs if not j.terminal]
+    past = [j for j in jobs if j.terminal][:100]
+    q_rows, h_rows = queue_rows(pending), history_rows(past)
+    out: list[Any] = [skip] * 4
+    if q_rows != state.get("q"):
+        ids = [j.id for j in pending]
+        out[0] = q_rows
+        out[1] = gr.update(choices=ids, value=q_value if q_value in ids else None)
+    if h_rows != state.get("h"):
+        ids = [j.id for j in past]
+        out[2] = h_rows
+        out[3] = gr.update(choices=ids, value=h_value if h_value in ids else None)
+    return [*out, {"q": q_rows, "h": h_rows}]
+
+
+def _files(queue: JobQueue, job: Job) -> list[Path]:
+    found = []
+    for kind in ("video", "metadata"):
+        try:
+            found.append(queue.job_file(job.id, kind))
+        except JobError:
+            continue
+    return found
+
+
+# ------------------------------------------------------------------------------------- serving
+def mount(app: Any, queue: JobQueue, *, token: str | None = None, path: str = "/") -> Any:
+    """Put the page at `path` of a FastAPI app (API routes registered before keep precedence).
+    With a token the page asks for it as the password (any user name)."""
+    demo = build(queue)
+    demo.queue(default_concurrency_limit=16)
+    auth = None
+    if token:
+
+        def auth(user: str, password: str) -> bool:
+            return secrets.compare_digest(password.encode(), token.encode())
+
+    return gr.mount_gradio_app(app, demo, path=path, auth=auth, allowed_paths=[str(queue.outputs)], css=CSS,
+                               auth_message="FramePack: the password is the server's token")  # fmt: skip
+
+
+def share(host: str, port: int) -> str:
+    """Open a public Gradio share link to the local server (needs the internet); returns its URL."""
+    from gradio import networking
+
+    local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    return networking.setup_tunnel(local, port, secrets.token_urlsafe(32), None, None)

@@ -1,0 +1,962 @@
+"""The job layer: a persistent queue of generation jobs, one worker, and each job's files.
+
+Every front end (CLI `serve`/`ui`, the HTTP API, the Gradio UI) goes through `JobQueue`; nothing
+here knows about HTTP or widgets.
+
+Storage, all inside one outputs folder:
+
+    OUTPUTS/jobs.sqlite3        the queue and history (SQLite, WAL: readers never wait for the worker)
+    OUTPUTS/jobs.lock           held (flock) by the one process serving this folder
+    OUTPUTS/jobs/<id>/input.png the start image as the engine sees it (decoded, EXIF/alpha applied)
+    OUTPUTS/jobs/<id>/video.mp4 the video (grows section by section) and video.json, its sidecar
+    OUTPUTS/jobs/<id>/state/    resume state, saved by the engine after every finished section
+    OUTPUTS/jobs/<id>/job.json  a copy of the job's record, rewritten on every state change
+
+States: queued -> running -> done | failed | cancelled | interrupted. A job that was `running` when
+its process died is found so at the next start and becomes `interrupted`; `resume` re-queues it and
+the engine continues from its last finished section (same seed -> same video as an uninterrupted
+run). Cancelled and failed jobs keep their partial MP4 and can be resumed too.
+
+Contract:
+  * One worker thread runs one job at a time, in queue order (`move` reorders queued jobs).
+  * Every operation is a short transaction on one SQLite connection behind a lock, so concurrent
+    callers (HTTP threads, the UI, the worker) always see a consistent queue; no job is lost or
+    claimed twice.
+  * A damaged database is moved aside and the queue rebuilt from the job folders' job.json; a missing
+    or damaged job folder or record is reported in that job's entry (state "failed" with an error)
+    and never stops the queue. Startup problems are listed in `JobQueue.problems`.
+  * Request parameters are derived from `GenerationRequest`'s fields: whatever fields it has, a job
+    accepts (the server owns `image` and `output`).
+  * Events: every engine event and state change of a job becomes a small JSON-able dict with a
+    process-wide increasing `seq`; `events()` returns them in order (the latest ~2000 per job),
+    ending with a `state` event whose state is terminal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import itertools
+import json
+import os
+import re
+import shutil
+import sqlite3
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from framepack.config import GenerationRequest, RequestError
+from framepack.events import Cancelled, CancelToken, Failed, Finished, SectionDone, StageStarted, StepProgress
+from framepack.outputs import job_id as new_job_id
+from framepack.sections import FPS
+
+STATES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
+TERMINAL = frozenset({"done", "failed", "cancelled", "interrupted"})
+RESUMABLE = frozenset({"interrupted", "cancelled", "failed"})
+# Request fields that hold paths on the server. A client never sets them as parameters (that would let
+# it make the server read or write any file); the server fills them from uploads and the job folder.
+# A new request field that holds a path must be added here (tests/test_jobs.py checks the names).
+SERVER_FIELDS = frozenset({"image", "output", "end_image", "video", "keyframes"})
+# Of those, single images a client may upload with a job (saved as <field>.png in its folder).
+IMAGE_UPLOADS = ("end_image",)
+INPUT, VIDEO, STATE_DIR, RECORD = "input.png", "video.mp4", "state", "job.json"
+DB_NAME, LOCK_NAME, JOBS_DIR = "jobs.sqlite3", "jobs.lock", "jobs"
+
+_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_LOG_LIMIT = 2000  # events kept per job for late subscribers (steps of ~80 sections at 25 steps)
+_PROGRESS_WRITE_S = 1.0  # step events reach the database at most this often (memory always has the latest)
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    model TEXT NOT NULL,
+    request TEXT NOT NULL,
+    options TEXT NOT NULL DEFAULT '{}',
+    created REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    progress TEXT NOT NULL DEFAULT '{}',
+    result TEXT NOT NULL DEFAULT '{}',
+    error TEXT,
+    video TEXT,
+    metadata TEXT,
+    parent TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state, seq);
+"""
+_COLUMNS = ("id", "seq", "state", "model", "request", "options", "created", "started", "finished", "progress",
+            "result", "error", "video", "metadata", "parent")  # fmt: skip
+_JSON_COLUMNS = ("request", "options", "progress", "result")
+
+
+class JobError(Exception):
+    """A queue operation that cannot be done; the message says why."""
+
+
+class JobNotFound(JobError):
+    pass
+
+
+class JobConflict(JobError):
+    """The operation does not fit the job's state (e.g. cancelling a finished job)."""
+
+
+class FileAccessError(JobError):
+    """A file path that points outside the job folders (or is otherwise not allowed)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    id: str
+    state: str
+    model: str
+    request: dict  # GenerationRequest fields; image and output relative to the job folder
+    options: dict  # per-job runtime options (preserved_memory_gb)
+    created: float
+    started: float | None
+    finished: float | None
+    position: int | None  # 0 = next to run; None unless queued
+    progress: dict  # the latest event's state: stage, section, sections, step, steps, frames, seconds, text
+    result: dict  # frames, seconds, width, height, sections, sections_done, peak_vram_bytes, peak_rss_bytes
+    error: str | None
+    video: str | None  # paths relative to the jobs folder ("<id>/video.mp4")
+    metadata: str | None
+    parent: str | None  # the job this one re-runs
+    resumable: bool
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL
+
+    def params(self) -> dict:
+        """The request without the server-owned fields: what a client can submit again."""
+        return {k: v for k, v in self.request.items() if k not in SERVER_FIELDS}
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def request_fields() -> list[dataclasses.Field]:
+    """The GenerationRequest fields a client may set, in declaration order."""
+    return [f for f in dataclasses.fields(GenerationRequest) if f.name not in SERVER_FIELDS]
+
+
+def build_request(params: dict) -> GenerationRequest:
+    """Client parameters -> a validated request (defaults for what is missing). RequestError lists problems."""
+    if not isinstance(params, dict):
+        raise RequestError(f"parameters must be a JSON object, got {type(params).__name__}")
+    owned = sorted(SERVER_FIELDS & set(params))
+    if owned:
+        raise RequestError(
+            f"{owned} cannot be given as parameters: images are uploaded with the job and the server chooses "
+            "where files go"
+        )
+    request = GenerationRequest.from_json_dict({**params, "image": INPUT, "output": VIDEO})
+    return request.validate()
+
+
+def upload_fields() -> list[str]:
+    """The image uploads (besides the start image) this version's requests accept, e.g. end_image."""
+    names = {f.name for f in dataclasses.fields(GenerationRequest)}
+    return [name for name in IMAGE_UPLOADS if name in names]
+
+
+# The official page's wording for the stages before sampling (spec §7), where it has one.
+STAGE_LABELS = {"loading": "Loading the model", "text encoding": "Text encoding",
+                "image processing": "Image processing", "vae encoding": "VAE encoding",
+                "image encoding": "Image encoding (SigLIP)", "sampling": "Sampling", "decoding": "Decoding",
+                "writing": "Writing"}  # fmt: skip
+
+
+def stage_label(stage: str | None) -> str:
+    return STAGE_LABELS.get(stage or "", (stage or "starting").capitalize())
+
+
+def describe_progress(progress: dict) -> str:
+    """One human line for a job's latest progress (used by the UI and the API's `progress.text`)."""
+    stage = progress.get("stage")
+    if not stage:
+        return ""
+    frames, seconds = progress.get("frames") or 0, progress.get("seconds") or 0.0
+    so_far = f"{frames} frames ({seconds:.2f} s) so far" if frames else "no frames yet"
+    if progress.get("sections") and progress.get("section") is not None:
+        where = f"Section {progress['section'] + 1}/{progress['sections']}"
+        if stage == "sampling" and progress.get("steps"):
+            return f"{where} · sampling step {progress['step']}/{progress['steps']} · {so_far}"
+        return f"{where} · {stage_label(stage).lower()} · {so_far}"
+    return f"{stage_label(stage)} ..."
+
+
+class JobQueue:
+    """The persistent queue of one outputs folder and its worker thread (see the module docstring).
+
+    `loader(model_name)` returns a `framepack.pipeline.Pipeline`; the worker keeps one loaded and
+    swaps it when a job asks for another model. `models` are the names jobs may use.
+    """
+
+    def __init__(
+        self,
+        outputs: str | os.PathLike,
+        *,
+        loader: Callable[[str], Any],
+        models: Sequence[str],
+        default_model: str | None = None,
+        start_worker: bool = True,
+    ) -> None:
+        self.outputs = Path(outputs).expanduser().resolve()
+        self.jobs_dir = self.outputs / JOBS_DIR
+        self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        self.models = tuple(models)
+        if not self.models:
+            raise ValueError("at least one model name is needed")
+        self.default_model = default_model or self.models[0]
+        if self.default_model not in self.models:
+            raise ValueError(f"default model {self.default_model!r} is not among {self.models}")
+        self._loader = loader
+        self._lock = threading.RLock()  # guards the connection and the in-memory job state
+        self._changed = threading.Condition(self._lock)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._seq = itertools.count(1)
+        self._logs: dict[str, deque[dict]] = {}
+        self._live: dict[str, dict] = {}  # the running job's latest progress (fresher than the database)
+        self._previews: dict[str, tuple[int, np.ndarray]] = {}
+        self._running: tuple[str, CancelToken] | None = None
+        self._pipeline: tuple[str, Any] | None = None
+        self._interrupting = False  # close() cancels the running job: it becomes interrupted, not cancelled
+        self._last_write = 0.0
+        self.problems: list[str] = []
+        self._lockfile = _acquire_folder_lock(self.outputs / LOCK_NAME)
+        try:
+            self._db = self._open_db()
+            self._recover()
+        except BaseException:
+            self._lockfile.close()
+            raise
+        self._worker = threading.Thread(target=self._work, name="framepack-worker", daemon=True)
+        if start_worker:
+            self._worker.start()
+
+    # ------------------------------------------------------------------------------- operations
+    def submit(
+        self,
+        image: bytes | np.ndarray | str | os.PathLike,
+        params: dict,
+        *,
+        model: str | None = None,
+        options: dict | None = None,
+        parent: str | None = None,
+        uploads: dict[str, bytes | np.ndarray | str | os.PathLike] | None = None,
+    ) -> Job:
+        """Queue a job. `uploads`: other images by request field (see `upload_fields`, e.g. end_image).
+        ImageError for an unusable image, RequestError for bad parameters or model."""
+        from PIL import Image
+
+        from framepack.images import ImageError, load_image
+
+        request = build_request(params)
+        model = self._check_model(model)
+        options = _check_options(options)
+        uploads = {k: v for k, v in (uploads or {}).items() if v is not None}
+        unknown = sorted(set(uploads) - set(upload_fields()))
+        if unknown:
+            raise RequestError(f"unknown image uploads {unknown}; accepted: {upload_fields()}")
+        pixels = load_image(image)  # ImageError with a precise message for non-images and corrupt files
+        extra = {}
+        for name, source in uploads.items():
+            try:
+                extra[name] = load_image(source)
+            except ImageError as err:
+                raise ImageError(f"{name}: {err}") from None
+        folder = self._new_folder()
+        try:
+            Image.fromarray(pixels).save(folder / INPUT, compress_level=1)
+            stored = request.to_json_dict()
+            for name, px in extra.items():
+                Image.fromarray(px).save(folder / f"{name}.png", compress_level=1)
+                stored[name] = f"{name}.png"  # relative to the job folder; made absolute when it runs
+            with self._lock:  # insert and first event together: the worker cannot claim it in between
+                with self._write() as db:
+                    seq = self._next_seq(db)
+                    db.execute(
+                        "INSERT INTO jobs (id, seq, state, model, request, options, created, parent)"
+                        " VALUES (?, ?, 'queued', ?, ?, ?, ?, ?)",
+                        (folder.name, seq, model, json.dumps(stored), json.dumps(options), time.time(), parent),
+                    )
+                job = self.get(folder.name)
+                self._save_record(job)
+                self._reset_log(job.id)
+                self._emit(job.id, {"type": "state", "state": "queued"})
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        self._wake.set()
+        return job
+
+    def get(self, job_id: str) -> Job:
+        with self._lock:
+            row = self._row(job_id)
+            position = None
+            if row["state"] == "queued":
+                position = self._db.execute(
+                    "SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND seq < ?", (row["seq"],)
+                ).fetchone()[0]
+            return self._job(row, position)
+
+    def list(self, states: Sequence[str] | None = None) -> list[Job]:
+        """Jobs, queued ones first in run order, then the others newest first."""
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM jobs ORDER BY seq").fetchall()
+            out, position = [], 0
+            for row in rows:
+                if row["state"] == "queued":
+                    out.append(self._job(row, position))
+                    position += 1
+            others = [self._job(r, None) for r in rows if r["state"] != "queued"]
+        others.sort(key=lambda j: (j.state != "running", -j.created))
+        jobs = out + others
+        return [j for j in jobs if j.state in states] if states else jobs
+
+    def cancel(self, job_id: str) -> Job:
+        """Cancel a queued job now, or a running one after its current step (keeping a valid MP4)."""
+        with self._lock:
+            job = self.get(job_id)
+            if job.state == "queued":
+                with self._write() as db:
+                    db.execute("UPDATE jobs SET state = 'cancelled', finished = ? WHERE id = ?", (time.time(), job_id))
+            elif job.state == "running" and self._running and self._running[0] == job_id:
+                self._running[1].cancel()
+                return job
+            else:
+                raise JobConflict(f"job {job_id} is {job.state}: only queued or running jobs can be cancelled")
+            job = self.get(job_id)
+            self._save_record(job)
+            self._emit(job_id, _state_event(job))  # under the lock: events stay in state order
+            return job
+
+    def delete(self, job_id: str) -> None:
+        """Remove a job that is not running, with its folder and files."""
+        with self._lock:
+            job = self.get(job_id)
+            if job.state == "running":
+                raise JobConflict(f"job {job_id} is running: cancel it first, then delete it")
+            with self._write() as db:
+                db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+            self._logs.pop(job_id, None)
+            self._previews.pop(job_id, None)
+            self._changed.notify_all()
+        shutil.rmtree(self.jobs_dir / job_id, ignore_errors=True)
+
+    def move(self, job_id: str, position: int) -> Job:
+        """Put a queued job at `position` in the queue (0 = next; clamped to the queue's length)."""
+        with self._lock:
+            job = self.get(job_id)
+            if job.state != "queued":
+                raise JobConflict(f"job {job_id} is {job.state}: only queued jobs can be reordered")
+            ids = [r[0] for r in self._db.execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY seq")]
+            ids.remove(job_id)
+            ids.insert(max(0, min(int(position), len(ids))), job_id)
+            with self._write() as db:
+                base = self._next_seq(db)
+                db.executemany("UPDATE jobs SET seq = ? WHERE id = ?", [(base + i, j) for i, j in enumerate(ids)])
+            return self.get(job_id)
+
+    def resume(self, job_id: str) -> Job:
+        """Re-queue an interrupted, cancelled or failed job; it continues from its last finished section."""
+        with self._lock:
+            job = self.get(job_id)
+            if job.state not in RESUMABLE:
+                raise JobConflict(f"job {job_id} is {job.state}: only {', '.join(sorted(RESUMABLE))} jobs resume")
+            if not job.resumable:
+                raise JobConflict(f"job {job_id} cannot be resumed: {job.error or 'its folder or input is missing'}")
+            with self._write() as db:
+                db.execute(
+                    "UPDATE jobs SET state = 'queued', seq = ?, finished = NULL, error = NULL WHERE id = ?",
+                    (self._next_seq(db), job_id),
+                )
+            job = self.get(job_id)
+            self._save_record(job)
+            self._reset_log(job_id)  # a new run: its stream starts afresh (the worker cannot claim it yet)
+            self._emit(job_id, {"type": "state", "state": "queued", "resumed": True})
+        self._wake.set()
+        return job
+
+    def rerun(self, job_id: str, params: dict | None = None, *, model: str | None = None,
+              options: dict | None = None) -> Job:  # fmt: skip
+        """A new job with this job's image and parameters, `params` overriding some of them."""
+        job = self.get(job_id)
+        image = self.jobs_dir / job_id / INPUT
+        if not image.is_file():
+            raise JobConflict(f"job {job_id} has no input image left ({image} is missing); it cannot be re-run")
+        merged = {**job.params(), **(params or {})}
+        uploads = {name: self.jobs_dir / job_id / Path(job.request[name]).name
+                   for name in upload_fields() if isinstance(job.request.get(name), str)}  # fmt: skip
+        return self.submit(image, merged, model=model or job.model, options={**job.options, **(options or {})},
+                           parent=job_id, uploads=uploads)  # fmt: skip
+
+    def events(self, job_id: str, after: int = 0) -> list[dict]:
+        """The job's events with seq > after, in order. A job with no events in this process (e.g. one
+        that finished before a restart) gets one `state` event describing where it stands."""
+        with self._lock:
+            log = self._logs.get(job_id)
+            if log is None:
+                job = self.get(job_id)
+                return [_state_event(job)] if after <= 0 else []
+            return [e for e in log if e["seq"] > after]
+
+    def wait_events(self, job_id: str, after: int = 0, timeout: float = 1.0) -> list[dict]:
+        """Like `events`, but waits up to `timeout` seconds for a new one."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                found = self.events(job_id, after)
+                left = deadline - time.monotonic()
+                if found or left <= 0:
+                    return found
+                self._changed.wait(left)
+
+    def wait(self, job_id: str, timeout: float = 60.0) -> Job:
+        """Block until the job is terminal (TimeoutError after `timeout` seconds)."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                job = self.get(job_id)
+                if job.terminal:
+                    return job
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"job {job_id} is still {job.state} after {timeout} s")
+                self._changed.wait(min(left, 0.5))
+
+    def preview(self, job_id: str) -> tuple[int, np.ndarray] | None:
+        """(seq, RGB uint8 image) of the running job's latest latent preview, if any."""
+        with self._lock:
+            self._row(job_id)
+            return self._previews.get(job_id)
+
+    def preview_png(self, job_id: str) -> bytes | None:
+        from PIL import Image
+
+        found = self.preview(job_id)
+        if found is None:
+            return None
+        buf = io.BytesIO()
+        Image.fromarray(found[1]).save(buf, format="PNG", compress_level=1)
+        return buf.getvalue()
+
+    def file(self, relative: str) -> Path:
+        """A file inside the job folders, from a path relative to them ('<id>/video.mp4').
+
+        FileAccessError for anything that could leave the folder (absolute paths, '..', links out of
+        it) or for the database and lock files; JobNotFound when there is no such file."""
+        if not relative or "\x00" in relative or "\\" in relative:
+            raise FileAccessError(f"not an allowed file path: {relative!r}")
+        parts = Path(relative).parts
+        if Path(relative).is_absolute() or any(p in ("..", ".") for p in parts) or relative.startswith("/"):
+            raise FileAccessError(f"file paths must stay inside the outputs folder; {relative!r} does not")
+        root = self.jobs_dir.resolve()
+        path = (root / relative).resolve()
+        if not path.is_relative_to(root) or path == root:
+            raise FileAccessError(f"file paths must stay inside the outputs folder; {relative!r} does not")
+        if not path.is_file():
+            raise JobNotFound(f"no file {relative!r} in the outputs folder")
+        return path
+
+    def job_file(self, job_id: str, kind: str) -> Path:
+        """A job's 'video', 'metadata' (sidecar) or 'image'. JobNotFound (with the reason) if absent."""
+        job = self.get(job_id)
+        rel = {"video": job.video, "metadata": job.metadata, "image": f"{job_id}/{INPUT}"}[kind]
+        if rel is None:
+            raise JobNotFound(f"job {job_id} ({job.state}) has no {kind} yet")
+        try:
+            return self.file(rel)
+        except JobNotFound:
+            raise JobNotFound(f"job {job_id}: its {kind} file {rel} is missing") from None
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
+        return {state: n for state, n in rows}
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop the worker; a running job is cancelled after its current step and left `interrupted`
+        (resumable). Releases the folder lock."""
+        if self._stop.is_set():
+            return
+        with self._lock:
+            self._interrupting = True
+            if self._running:
+                self._running[1].cancel()
+        self._stop.set()
+        self._wake.set()
+        if self._worker.is_alive():
+            self._worker.join(timeout)
+        with self._lock:
+            self._db.close()
+            self._lockfile.close()
+
+    def __enter__(self) -> JobQueue:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------------------- the worker
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            job = self._claim()
+            if job is None:
+                self._wake.wait(1.0)
+                self._wake.clear()
+                continue
+            try:
+                self._run(job)
+            except Exception as err:  # the worker must survive anything a job does
+                self._finish(job.id, "failed", error=f"internal error: {type(err).__name__}: {err}")
+
+    def _claim(self) -> Job | None:
+        """Take the first queued job and mark it running, in one transaction (never claimed twice)."""
+        with self._lock:
+            if self._stop.is_set():
+                return None
+            row = self._db.execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY seq LIMIT 1").fetchone()
+            if row is None:
+                return None
+            with self._write() as db:
+                db.execute("UPDATE jobs SET state = 'running', started = ?, progress = '{}' WHERE id = ?",
+                           (time.time(), row[0]))  # fmt: skip
+            self._running = (row[0], CancelToken())
+            self._live[row[0]] = {}
+            job = self.get(row[0])
+        self._save_record(job)
+        self._emit(job.id, {"type": "state", "state": "running"})
+        return job
+
+    def _run(self, job: Job) -> None:
+        folder = self.jobs_dir / job.id
+        token = self._running[1]
+        if not (folder / INPUT).is_file():
+            self._finish(job.id, "failed", error=f"the job's input image {folder / INPUT} is missing")
+            return
+        failure: list[str] = []
+
+        def on_event(event: object) -> None:
+            if isinstance(event, Failed):
+                failure.append(event.error)
+            self._on_engine_event(job.id, event)
+
+        try:
+            pipe = self._get_pipeline(job.id, job.model)
+            request = GenerationRequest.from_json_dict(_absolute(job.request, folder))
+            with _job_options(pipe, job.options):
+                result = pipe.generate(request, on_event, token, state_dir=folder / STATE_DIR)
+        except Exception as err:  # engine failures (after a sidecar), bad requests/images, missing weights
+            if failure:
+                error = failure[0]
+            elif isinstance(err, ValueError):  # RequestError, ImageError, a damaged resume state: say it plainly
+                error = str(err)
+            else:
+                error = f"{type(err).__name__}: {err}"
+            self._finish(job.id, "failed", error=error, files=folder)
+            return
+        state = {"finished": "done", "cancelled": "cancelled"}.get(result.status, "failed")
+        if state == "cancelled" and self._interrupting:
+            state = "interrupted"
+        info = {
+            "frames": result.frames, "seconds": round(result.seconds, 3), "width": result.width,
+            "height": result.height, "sections": result.sections, "sections_done": result.sections_done,
+            "seed": result.seed, "peak_vram_bytes": result.peak_vram_bytes, "peak_rss_bytes": result.peak_rss_bytes,
+            "total_s": result.timings.get("total_s"),
+        }  # fmt: skip
+        error = "stopped by the server shutting down; resume to continue" if state == "interrupted" else None
+        self._finish(job.id, state, error=error, files=folder, result=info)
+
+    def _finish(self, job_id: str, state: str, *, error: str | None = None, files: Path | None = None,
+                result: dict | None = None) -> None:  # fmt: skip
+        with self._lock:
+            progress = self._live.pop(job_id, None)
+            self._previews.pop(job_id, None)
+            if self._running and self._running[0] == job_id:
+                self._running = None
+            video = metadata = None
+            if files is not None:
+                video = f"{job_id}/{VIDEO}" if (files / VIDEO).is_file() else None
+                metadata = f"{job_id}/video.json" if (files / "video.json").is_file() else None
+            sets = ["state = ?", "finished = ?", "error = ?", "video = ?", "metadata = ?"]
+            values: list = [state, time.time(), error, video, metadata]
+            if result is not None:
+                sets.append("result = ?")
+                values.append(json.dumps(result))
+            if progress is not None:
+                sets.append("progress = ?")
+                values.append(json.dumps(progress))
+            try:
+                with self._write() as db:
+                    db.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE id = ?", (*values, job_id))
+                job = self.get(job_id)
+            except (sqlite3.Error, JobNotFound):
+                return  # deleted meanwhile (or the queue is closing): nothing left to record
+            self._save_record(job)
+            self._emit(job_id, _state_event(job))  # before a resume can start the job's next run
+
+    def _get_pipeline(self, job_id: str, model: str) -> Any:
+        if self._pipeline is not None and self._pipeline[0] == model:
+            return self._pipeline[1]
+        self._on_engine_event(job_id, StageStarted("loading"))
+        if self._pipeline is not None:  # one model at a time: free the old one before loading the next
+            self._pipeline = None
+            _free_device_memory()
+        self._pipeline = (model, self._loader(model))
+        return self._pipeline[1]
+
+    def _on_engine_event(self, job_id: str, event: object) -> None:
+        try:
+            self._record_event(job_id, event)
+        except Exception as err:  # bookkeeping must never fail the generation it reports on
+            print(f"framepack.jobs: could not record {type(event).__name__} of job {job_id}: {err!r}", file=sys.stderr)
+
+    def _record_event(self, job_id: str, event: object) -> None:
+        with self._lock:
+            progress = self._live.setdefault(job_id, {})
+            if isinstance(event, StageStarted):
+                e = {"type": "stage", "stage": event.stage, "section": event.section, "sections": event.sections}
+                progress.update(stage=event.stage)
+                if event.section is not None:
+                    progress.update(section=event.section, sections=event.sections, step=None, steps=None)
+            elif isinstance(event, StepProgress):
+                e = {"type": "step", "section": event.section, "sections": event.sections, "step": event.step,
+                     "steps": event.steps, "frames": event.frames_done,
+                     "fraction": round(event.fraction, 4)}  # fmt: skip
+                progress.update(stage="sampling", section=event.section, sections=event.sections, step=event.step,
+                                steps=event.steps, fraction=e["fraction"])  # fmt: skip
+                progress.update(frames=event.frames_done, seconds=round(event.frames_done / FPS, 3))
+            elif isinstance(event, SectionDone):
+                video = f"{job_id}/{Path(event.video).name}"
+                e = {"type": "section", "section": event.section, "sections": event.sections, "video": video,
+                     "frames": event.frames, "seconds": round(event.seconds, 3)}  # fmt: skip
+                progress.update(section=event.section, sections=event.sections, frames=event.frames,
+                                seconds=round(event.seconds, 3), sections_done=event.section + 1,
+                                fraction=(event.section + 1) / event.sections, video=video)  # fmt: skip
+            elif isinstance(event, Failed):
+                e = {"type": "error", "error": event.error}
+            elif isinstance(event, (Finished, Cancelled)):
+                return  # the state event that follows carries the outcome
+            elif dataclasses.is_dataclass(event):  # e.g. JobPlanned: passed on as snake_case type + fields
+                name = re.sub(r"(?<!^)(?=[A-Z])", "_", type(event).__name__).lower()
+                e = {"type": name, **_event_fields(event)}
+                if isinstance(getattr(event, "sections", None), int):
+                    progress.setdefault("sections", event.sections)
+            else:
+                return
+            progress["text"] = describe_progress(progress)
+            seq = self._emit(job_id, e, notify=False)
+            if isinstance(event, StepProgress) and event.preview is not None:
+                self._previews[job_id] = (seq, event.preview)
+            now = time.monotonic()
+            if not isinstance(event, StepProgress) or now - self._last_write >= _PROGRESS_WRITE_S:
+                self._last_write = now
+                with contextlib.suppress(sqlite3.Error), self._write() as db:
+                    db.execute("UPDATE jobs SET progress = ? WHERE id = ?", (json.dumps(progress), job_id))
+            self._changed.notify_all()
+
+    # ------------------------------------------------------------------------------- events
+    def _reset_log(self, job_id: str) -> None:
+        with self._lock:
+            self._logs[job_id] = deque(maxlen=_LOG_LIMIT)
+
+    def _emit(self, job_id: str, event: dict, *, notify: bool = True) -> int:
+        with self._lock:
+            seq = next(self._seq)
+            body = {k: v for k, v in event.items() if k not in ("seq", "job", "time")}
+            event = {"seq": seq, "job": job_id, "time": round(time.time(), 3), **body}
+            self._logs.setdefault(job_id, deque(maxlen=_LOG_LIMIT)).append(event)
+            if notify:
+                self._changed.notify_all()
+            return seq
+
+    # ------------------------------------------------------------------------------- storage
+    def _open_db(self) -> sqlite3.Connection:
+        path = self.outputs / DB_NAME
+        try:
+            db = _connect(path)
+            if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+                raise sqlite3.DatabaseError("integrity check failed")
+            return db
+        except sqlite3.DatabaseError as err:
+            with contextlib.suppress(Exception):
+                db.close()
+            aside = path.with_name(f"{DB_NAME}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+            for suffix in ("", "-wal", "-shm"):
+                src = Path(str(path) + suffix)
+                if src.exists():
+                    os.replace(src, Path(str(aside) + suffix))
+            self.problems.append(f"the job database {path} was damaged ({err}); moved to {aside.name} and "
+                                 "rebuilt from the job folders")  # fmt: skip
+            return _connect(path)
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One short write transaction. IMMEDIATE takes the write lock up front, so a second process on
+        the same file waits (busy_timeout) instead of failing half way."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _next_seq(self, db: sqlite3.Connection) -> int:
+        return db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0]
+
+    def _row(self, job_id: str) -> sqlite3.Row:
+        if not isinstance(job_id, str) or not _ID.match(job_id):
+            raise JobNotFound(f"no job {job_id!r}")
+        row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise JobNotFound(f"no job {job_id!r}")
+        return row
+
+    def _job(self, row: sqlite3.Row, position: int | None) -> Job:
+        fields = dict(zip(_COLUMNS, tuple(row)))
+        problem = None
+        for name in _JSON_COLUMNS:
+            try:
+                value = json.loads(fields[name] or "{}")
+                if not isinstance(value, dict):
+                    raise ValueError(f"expected an object, found {type(value).__name__}")
+                fields[name] = value
+            except ValueError as err:
+                fields[name] = {}
+                problem = f"the job's record is damaged ({name}: {err})"
+        state = fields["state"] if fields["state"] in STATES else "failed"
+        if state != fields["state"]:
+            problem = f"the job's record has an unknown state {fields['state']!r}"
+        if problem:
+            state = "failed"
+        live = self._live.get(fields["id"])
+        progress = dict(live) if live is not None else fields["progress"]
+        folder = self.jobs_dir / fields["id"]
+        resumable = state in RESUMABLE and problem is None and (folder / INPUT).is_file()
+        return Job(
+            id=fields["id"], state=state, model=fields["model"], request=fields["request"], options=fields["options"],
+            created=fields["created"], started=fields["started"], finished=fields["finished"],
+            position=position if state == "queued" else None, progress=progress, result=fields["result"],
+            error=problem or fields["error"], video=fields["video"], metadata=fields["metadata"],
+            parent=fields["parent"], resumable=resumable,
+        )  # fmt: skip
+
+    def _save_record(self, job: Job) -> None:
+        """job.json in the job's folder: lets a lost or damaged database be rebuilt."""
+        folder = self.jobs_dir / job.id
+        if not folder.is_dir():
+            return
+        record = {k: v for k, v in job.to_dict().items() if k not in ("position", "resumable")}
+        with contextlib.suppress(OSError):
+            tmp = folder / (RECORD + ".partial")
+            tmp.write_text(json.dumps(record, indent=1) + "\n")
+            os.replace(tmp, folder / RECORD)
+
+    def _new_folder(self) -> Path:
+        for _ in range(100):
+            folder = self.jobs_dir / new_job_id()
+            try:
+                folder.mkdir()
+            except FileExistsError:
+                continue
+            return folder
+        raise JobError("could not find a free job id")
+
+    def _check_model(self, model: str | None) -> str:
+        model = model or self.default_model
+        if model not in self.models:
+            raise RequestError(f"model must be one of {', '.join(self.models)}, got {model!r}")
+        return model
+
+    def _recover(self) -> None:
+        """At startup: jobs left running died with their process; re-import folders the database lacks;
+        report jobs whose folder or files are gone."""
+        with self._write() as db:
+            died = [r[0] for r in db.execute("SELECT id FROM jobs WHERE state = 'running'")]
+            db.execute(
+                "UPDATE jobs SET state = 'interrupted', finished = ?, error = ? WHERE state = 'running'",
+                (time.time(), "the server stopped while this job was running; resume to continue"),
+            )
+        for job_id in died:
+            self.problems.append(f"job {job_id} was running when the server stopped: now interrupted (resumable)")
+            self._save_record(self.get(job_id))
+        known = {r[0]: r for r in self._db.execute("SELECT id, state, video FROM jobs")}
+        for folder in sorted(p for p in self.jobs_dir.iterdir() if p.is_dir()):
+            if folder.name not in known and _ID.match(folder.name):
+                self._import_folder(folder)
+        for job_id, state, video in known.values():
+            folder = self.jobs_dir / job_id
+            error = None
+            if not folder.is_dir():
+                error = f"the job folder {folder} is missing"
+            elif state in ("queued", "interrupted") and not (folder / INPUT).is_file():
+                error = f"the job's input image {folder / INPUT} is missing"
+            elif state == "done" and video and not (self.jobs_dir / video).is_file():
+                error = f"the job's video {self.jobs_dir / video} is missing"
+            if error:
+                self.problems.append(f"job {job_id}: {error}")
+                with self._write() as db:
+                    db.execute("UPDATE jobs SET state = 'failed', error = ? WHERE id = ?", (error, job_id))
+                self._save_record(self.get(job_id))
+        for job in self.list():
+            if job.state in TERMINAL and job.error and job.error.startswith("the job's record"):
+                self.problems.append(f"job {job.id}: {job.error}")
+
+    def _import_folder(self, folder: Path) -> None:
+        try:
+            record = json.loads((folder / RECORD).read_text())
+            if not isinstance(record, dict) or not isinstance(record.get("request"), dict):
+                raise ValueError("not a job record")
+            state = record.get("state")
+            state = "interrupted" if state == "running" else state if state in STATES else "failed"
+            values = (folder.name, state, str(record.get("model") or self.default_model),
+                      json.dumps(record["request"]), json.dumps(record.get("options") or {}),
+                      float(record.get("created") or folder.stat().st_mtime), record.get("started"),
+                      record.get("finished"), json.dumps(record.get("progress") or {}),
+                      json.dumps(record.get("result") or {}), record.get("error"), record.get("video"),
+                      record.get("metadata"), record.get("parent"))  # fmt: skip
+            self.problems.append(f"job {folder.name}: re-imported from its {RECORD}")
+        except (OSError, ValueError, TypeError) as err:
+            error = f"the job folder {folder} has no readable {RECORD} ({err})"
+            self.problems.append(f"job {folder.name}: {error}")
+            values = (folder.name, "failed", self.default_model, "{}", "{}", folder.stat().st_mtime, None, None,
+                      "{}", "{}", error, None, None, None)  # fmt: skip
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO jobs (id, seq, state, model, request, options, created, started, finished, progress,"
+                " result, error, video, metadata, parent) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (values[0], self._next_seq(db), *values[1:]),
+            )
+
+
+# ----------------------------------------------------------------------------------- helpers
+def _connect(path: Path) -> sqlite3.Connection:
+    # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT) and short.
+    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
+    db.row_factory = sqlite3.Row
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a killed process loses nothing it committed
+    db.execute("PRAGMA busy_timeout=10000")
+    db.executescript(_SCHEMA)
+    return db
+
+
+class _FolderLock:
+    def __init__(self, fh: Any) -> None:
+        self._fh = fh
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()  # closing the file releases the flock
+            self._fh = None
+
+
+def _acquire_folder_lock(path: Path) -> _FolderLock:
+    """One process per outputs folder: two workers on one queue would run jobs twice."""
+    fh = open(path, "a+")  # held open (and locked) for the queue's lifetime
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; one server per folder is then the user's responsibility
+        return _FolderLock(fh)
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.seek(0)
+        holder = fh.read().strip() or "another process"
+        fh.close()
+        raise JobError(f"{path.parent} is already served by {holder}; use another --outputs folder") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"pid {os.getpid()}\n")
+    fh.flush()
+    return _FolderLock(fh)
+
+
+def _check_options(options: dict | None) -> dict:
+    options = dict(options or {})
+    unknown = sorted(set(options) - {"preserved_memory_gb"})
+    if unknown:
+        raise RequestError(f"unknown job options {unknown}; accepted: ['preserved_memory_gb']")
+    gb = options.get("preserved_memory_gb")
+    if gb is not None and (isinstance(gb, bool) or not isinstance(gb, (int, float)) or not 0 <= gb <= 1024):
+        raise RequestError(f"preserved_memory_gb must be a number in 0..1024 (GB), got {gb!r}")
+    return {k: v for k, v in options.items() if v is not None}
+
+
+@contextlib.contextmanager
+def _job_options(pipe: Any, options: dict) -> Iterator[None]:
+    """Apply per-job runtime options for one generate call. The engine reads `preserved_memory_gb`
+    from its components' options when it plans each job, so swapping them in is enough (no reload)."""
+    components = getattr(pipe, "c", None)
+    gb = options.get("preserved_memory_gb")
+    if gb is None or components is None or not hasattr(components, "options"):
+        yield
+        return
+    saved = components.options
+    components.options = dataclasses.replace(saved, preserved_memory_gb=float(gb))
+    try:
+        yield
+    finally:
+        components.options = saved
+
+
+def _free_device_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _absolute(request: dict, folder: Path) -> dict:
+    """The stored request (file names relative to the job folder) as the engine gets it."""
+    out = {**request, "image": str(folder / INPUT), "output": str(folder / VIDEO)}
+    for name in IMAGE_UPLOADS:
+        if isinstance(out.get(name), str):
+            out[name] = str(folder / Path(out[name]).name)
+    return out
+
+
+def _event_fields(event: object) -> dict:
+    """A JSON-able dict of an engine event this layer has no special case for (newer engine events)."""
+    out = {}
+    for f in dataclasses.fields(event):
+        value = getattr(event, f.name)
+        if isinstance(value, np.ndarray):
+            continue
+        if isinstance(value, Path):
+            value = value.name
+        try:
+            json.dumps(value)
+        except TypeError:
+            value = str(value)
+        out[f.name] = value
+    return out
+
+
+def _state_event(job: Job) -> dict:
+    event = {"seq": 0, "job": job.id, "time": round(time.time(), 3), "type": "state", "state": job.state}
+    if job.error:
+        event["error"] = job.error
+    if job.video:
+        event["video"] = job.video
+    if job.result:
+        event["result"] = job.result
+    return event

@@ -1,0 +1,176 @@
+"""The Gradio UI (framepack/app/ui.py) in a real browser: headless Chromium (Debian's `chromium`,
+installed by .ci/run) driven by Playwright uploads an image, types a prompt, starts a job, sees the
+progress text change and a playable <video>, queues a second job and cancels it from the queue panel.
+A screenshot is saved to $FRAMEPACK_TEST_ARTIFACTS (default outputs/test-artifacts/ui_browser.png).
+Also: the controls keep the official defaults and ranges, and settings round-trip through a job."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from apphelpers import FAST, ThreadServer, home, png_bytes, tiny_loader, wait_until
+
+from framepack.app import ui
+from framepack.app.api import create_app
+from framepack.jobs import JobQueue
+
+# gradio's own pandas calls warn under pandas 3; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")
+
+CHROMIUM = os.environ.get("FRAMEPACK_CHROMIUM", "/usr/bin/chromium")
+ARTIFACTS = Path(os.environ.get("FRAMEPACK_TEST_ARTIFACTS", Path(__file__).parents[1] / "outputs" / "test-artifacts"))
+
+
+@pytest.fixture(autouse=True)
+def _home(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("FRAMEPACK_HOME", home(tmp_path_factory))
+
+
+def test_controls_have_the_official_defaults_and_ranges():
+    c = {x.field: x for x in ui.CONTROLS}
+    official = {  # spec §7: (label, default, min, max, step, hidden)
+        "teacache": ("Use TeaCache", True, None, None, None, False),
+        "negative_prompt": ("Negative Prompt", "", None, None, None, True),
+        "seed": ("Seed", 31337, None, None, None, False),
+        "seconds": ("Total Video Length (Seconds)", 5, 1, 120, 0.1, False),
+        "window": ("Latent Window Size", 9, 1, 33, 1, True),
+        "steps": ("Steps", 25, 1, 100, 1, False),
+        "cfg": ("CFG Scale", 1.0, 1, 32, 0.01, True),
+        "distilled_guidance": ("Distilled CFG Scale", 10.0, 1, 32, 0.01, False),
+        "cfg_rescale": ("CFG Re-Scale", 0.0, 0, 1, 0.01, True),
+        "preserved_memory_gb": ("GPU Inference Preserved Memory (GB) (larger means slower)", 6, 6, 128, 0.1, False),
+        "crf": ("MP4 Compression", 16, 0, 51, 1, False),  # official max 100; x264 stops at 51
+    }
+    for field, (label, default, lo, hi, step, hidden) in official.items():
+        got = c[field]
+        assert (got.label, got.initial(), got.minimum, got.maximum, got.step, got.advanced) == (
+            label, default, lo, hi, step, hidden), field  # fmt: skip
+    assert ui.QUICK_PROMPTS[0].startswith("The girl dances gracefully")
+
+
+def test_settings_round_trip_through_a_job(tmp_path):
+    controls = ui.CONTROLS
+    with JobQueue(tmp_path, loader=tiny_loader, models=["tiny"], start_worker=False) as q:
+        values = [c.initial() for c in controls]
+        values[[c.field for c in controls].index("steps")] = 7.0  # sliders send floats
+        values[[c.field for c in controls].index("preserved_memory_auto")] = False
+        params, options = ui.collect(controls, values, base={"shift": 3.0, "image": "/etc/passwd"})
+        assert params["steps"] == 7 and isinstance(params["steps"], int) and params["shift"] == 3.0
+        assert "image" not in params and options == {"preserved_memory_gb": 6.0}
+        job = q.submit(png_bytes(), {**params, "prompt": "x"}, options=options)
+        loaded, rest = ui.settings_of(q.get(job.id), controls)
+        assert loaded == [v if not isinstance(v, float) or not v.is_integer() else type(v)(v) for v in values]
+        assert rest["shift"] == 3.0
+        text, bar = ui.progress_texts(q.get(job.id))
+        assert text.startswith("Queued") and "<progress" in bar
+
+
+def _browser():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("playwright is not installed: pip install -e '.[dev]' (CI installs it from pyproject.toml)")
+    if not shutil.which(CHROMIUM) and not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} not found: apt-get install -y chromium (.ci/run does this)")
+    return sync_playwright
+
+
+def test_ui_in_a_real_browser(tmp_path):
+    sync_playwright = _browser()
+    image = tmp_path / "start.png"
+    image.write_bytes(png_bytes(size=96))
+    queue = JobQueue(tmp_path / "outputs", loader=tiny_loader, models=["tiny", "tiny-f1"])
+    app = create_app(queue)
+    ui.mount(app, queue)
+    server = ThreadServer(app)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+            page = browser.new_page(viewport={"width": 1300, "height": 1700})
+            try:
+                _drive(page, server.url, image, queue)
+            finally:
+                page.screenshot(path=str(ARTIFACTS / "ui_browser.png"), full_page=True)
+                browser.close()
+    finally:
+        server.stop()
+        for job in queue.list(["queued", "running"]):
+            queue.cancel(job.id)
+        queue.close()
+    assert (ARTIFACTS / "ui_browser.png").stat().st_size > 10_000
+
+
+def _video_state(page) -> dict | None:
+    return page.evaluate(
+        "() => { const v = document.querySelector('#fp-video video');"
+        " return v && v.src ? {src: v.src, ready: v.readyState, duration: v.duration, error: v.error} : null }"
+    )
+
+
+def _drive(page, url: str, image: Path, queue: JobQueue) -> None:
+    page.goto(url + "/")
+    page.wait_for_selector("#fp-start", timeout=30_000)
+    page.locator("#fp-image input[type=file]").set_input_files(str(image))
+    page.locator("#fp-prompt textarea").fill(FAST["prompt"])
+    for field, value in (("seconds", "4.8"), ("steps", "2")):  # 4 sections of 2 steps
+        box = page.locator(f"#fp-{field} input[type=number]")
+        box.fill(value)
+        box.press("Enter")
+    page.wait_for_timeout(300)
+    page.click("#fp-start")
+
+    texts: list[str] = []
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:  # the progress text changes as the job advances
+        text = page.locator("#fp-progress-desc").inner_text().strip()
+        if text and (not texts or texts[-1] != text):
+            texts.append(text)
+        if "Section 2/4" in text:
+            break
+        page.wait_for_timeout(100)
+    assert any("Section 1/4" in t for t in texts) and "Section 2/4" in texts[-1], texts
+    assert "Total generated frames" in texts[-1]
+    (first,) = queue.list(["running"])
+
+    # A growing, playable video: the finished sections so far.
+    growing = wait_until(lambda: (v := _video_state(page)) and v["ready"] >= 2 and v["duration"] > 0 and v, 60,
+                         "a playable <video>", interval=0.2)  # fmt: skip
+    assert growing["error"] is None
+
+    # A second job while the first runs: it is queued; cancel it from the queue panel.
+    status = page.locator("#fp-status")
+    page.click("#fp-start")
+    second = wait_until(lambda: next((j for j in queue.list() if j.id != first.id), None), 20, "a second job")
+    wait_until(lambda: second.id in status.inner_text(), 10, "the page to name the second job")
+    assert "is queued" in status.inner_text() or queue.get(second.id).state != "queued"
+    wait_until(lambda: second.id in page.locator("#fp-queue-table").inner_text(), 20, "the queue panel to list it")
+    page.locator("#fp-queue-pick input").click()
+    page.get_by_role("option", name=second.id).click()
+    page.click("#fp-queue-cancel")
+    wait_until(lambda: queue.get(second.id).state == "cancelled", 30, "the second job to be cancelled")
+    wait_until(lambda: "cancelled" in status.inner_text(), 10, "the cancel message")
+
+    done = queue.wait(first.id, 120)
+    assert done.state == "done", done.error
+    final = wait_until(lambda: (v := _video_state(page)) and v["ready"] >= 2 and v["duration"] > 3.5 and v, 30,
+                       "the final video in the page", interval=0.2)  # fmt: skip
+    assert final["src"] != growing["src"]  # the page followed the video as it grew
+    wait_until(lambda: "Finished" in page.locator("#fp-progress-desc").inner_text(), 10, "the finished text")
+    assert page.locator("#fp-end").is_disabled()
+    wait_until(lambda: first.id not in page.locator("#fp-queue-table").inner_text(), 10, "an empty queue panel")
+
+    # History: the finished job with its parameters; "Load settings" fills the form from it.
+    page.get_by_role("tab", name="History").click()
+    wait_until(lambda: first.id in page.locator("#fp-history-table").inner_text(), 10, "the history table")
+    page.locator("#fp-history-pick input").click()
+    page.get_by_role("option", name=first.id).click()
+    page.locator("#fp-prompt textarea").fill("something else")
+    page.click("#fp-load")
+    wait_until(lambda: page.locator("#fp-prompt textarea").input_value() == FAST["prompt"], 10, "loaded settings")
+    assert page.locator("#fp-seconds input[type=number]").input_value() == "4.8"
+    page.screenshot(path=str(ARTIFACTS / "ui_history.png"), full_page=True)

@@ -264,7 +264,10 @@ def build_family(root: str | os.PathLike, cfg: FamilyConfig = TOY_FAMILY, seed: 
     clip.to(torch.bfloat16).save_pretrained(paths["text_encoder_2"])
 
     torch.manual_seed(seed + 2)
-    build_vae(cfg).to(torch.bfloat16).save_pretrained(paths["vae"])
+    vae = build_vae(cfg)
+    with torch.no_grad():  # start with a near-deterministic posterior (std e^-3): at the default log-variance
+        vae.quant_conv.bias[16:].fill_(-6.0)  # of 0 the sampled latents are mostly noise and learning stalls
+    vae.to(torch.bfloat16).save_pretrained(paths["vae"])
 
     torch.manual_seed(seed + 3)
     SiglipVisionModel(

@@ -1,0 +1,258 @@
+"""Quality of the trained toy model on held-out toy-world scenes whose ground truth we know.
+
+Three measurements (see issue 7 and README "Training and the toy model"):
+
+1. Motion accuracy. For held-out scenes (seeds never used in training) the model gets the scene's
+   first frame and caption and generates the clip's length; a colour tracker follows the object in
+   the generated video and in the ground truth. Reported per schedule: mean centroid error in pixels
+   per frame, the fraction of clips whose early motion (before the first bounce) points within 45
+   degrees of the true direction, and the fraction of frames where the object was lost.
+2. Drift over long videos (30 s and 60 s). The object's colour (median of its pixels), its size
+   (square root of its area) and the background colour (pixels away from the object) are measured in
+   the first and in the last section and compared with the scene's truth, for the inverted (original)
+   schedule, the forward (F1) schedule, and a no-anti-drifting baseline: forward sampling with only
+   the recent past as context (the start frame's latent and image embedding zeroed in every
+   section, the mode the trainer samples with `no_start_probability`).
+3. Cost: seconds per section and the peak RSS of section 1 vs section 50 of a 60 s video.
+
+    python benchmarks/toy_quality.py [--scenes 24] [--drift-scenes 4] [--steps 25] [--quick]
+
+Uses the packaged `toy` / `toy-f1` models (framepack/toy, or $FRAMEPACK_TOY_DIR).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+HELD_OUT = 7_777  # first element of every held-out scene seed; training clips use (data seed, i) with seed 0
+SECTION_FRAMES = 36  # window 9
+
+
+def held_out_scenes(count: int, sections: int, *, plain_size: bool = False) -> list:
+    """Single-object moving scenes from seeds (HELD_OUT, i); `plain_size` also excludes growing shapes."""
+    from framepack.train import toyworld
+
+    out, i = [], 0
+    while len(out) < count:
+        clip = toyworld.make_clip((HELD_OUT, i), sections, max_objects=1)
+        o = clip.scene.objects[0]
+        i += 1
+        if o.direction is None or (plain_size and o.growth):
+            continue
+        out.append(clip)
+    return out
+
+
+@dataclass
+class Generated:
+    frames: np.ndarray  # (T, H, W, 3) uint8
+    section_seconds: list[float]
+    section_peak_rss: list[int]
+
+
+class Runner:
+    """Loads each toy pipeline once and generates from a first frame + caption."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps, self.pipes = steps, {}
+        self.tmp = Path(tempfile.mkdtemp(prefix="fp-toyq-"))
+
+    def pipe(self, model: str):
+        from framepack.pipeline import load_pipeline
+
+        if model not in self.pipes:
+            self.pipes[model] = load_pipeline(model, device="cpu", prompt_cache_dir=self.tmp / "prompts")
+        return self.pipes[model]
+
+    def generate(self, model: str, first: np.ndarray, caption: str, sections: int, *, seed: int,
+                 no_start: bool = False) -> Generated:  # fmt: skip
+        import torch
+
+        from framepack.config import GenerationRequest
+        from framepack.events import SectionDone, StageStarted
+        from framepack.video import read_frames
+
+        pipe = self.pipe(model)
+        request = GenerationRequest(
+            prompt=caption, seconds=sections * SECTION_FRAMES / 30, steps=self.steps, seed=seed,
+            resolution=first.shape[0], output=str(self.tmp / f"{model}-{seed}-{sections}-{no_start}"),
+            teacache=False, crf=0,
+        )  # fmt: skip
+        times, peaks, t = [], [], [0.0]
+
+        def reset_hwm() -> None:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+
+        def on_event(e) -> None:
+            if isinstance(e, StageStarted) and e.stage == "sampling":
+                t[0] = time.perf_counter()
+                reset_hwm()
+            elif isinstance(e, SectionDone):
+                times.append(time.perf_counter() - t[0])
+                with open("/proc/self/status") as f:
+                    peaks.append(next(int(x.split()[1]) * 1024 for x in f if x.startswith("VmHWM")))
+
+        hook = None
+        if no_start:  # the baseline: recent past only, no start frame in the context or the image embedding
+
+            def strip_start(module, args, kwargs):
+                kwargs = dict(kwargs)
+                clean = kwargs["clean_latents"].clone()
+                clean[:, :, 0] = 0
+                kwargs["clean_latents"] = clean
+                kwargs["image_embeddings"] = torch.zeros_like(kwargs["image_embeddings"])
+                return args, kwargs
+
+            hook = pipe.c.transformer.register_forward_pre_hook(strip_start, with_kwargs=True)
+        try:
+            result = pipe.generate(request, on_event, image=first)
+        finally:
+            if hook is not None:
+                hook.remove()
+        return Generated(read_frames(result.video), times, peaks)
+
+
+# ------------------------------------------------------------------------------------ measurements
+def motion_metrics(gen: np.ndarray, clip) -> dict:
+    from framepack.train import toyworld
+
+    o, truth = clip.scene.objects[0], clip.truth
+    n = min(len(gen), truth.frames)
+    cent, _ = toyworld.track(gen[:n], o.rgb)
+    true = truth.centers[:n, 0]
+    err = np.linalg.norm(cent - true, axis=1)
+    lost = np.isnan(err)
+    # early motion: up to the first bounce (or the first section), at least 6 frames in
+    bounce = np.flatnonzero(truth.bounced[:n, 0])
+    k = min(int(bounce[0]) - 1 if len(bounce) else n - 1, SECTION_FRAMES)
+    ok = None
+    if k >= 6 and not np.isnan(cent[[0, k]]).any():
+        d = cent[k] - cent[0]
+        v = np.array([o.vx, o.vy])
+        cos = float(d @ v / (np.linalg.norm(d) * np.linalg.norm(v) + 1e-9))
+        ok = cos > math.cos(math.radians(45))
+    elif k >= 6:
+        ok = False
+    return {"error": float(np.nanmean(err)) if (~lost).any() else float("nan"), "lost": float(lost.mean()),
+            "direction_ok": ok}  # fmt: skip
+
+
+def appearance(frames: np.ndarray, scene) -> dict:
+    """Mean over `frames` of: object colour error, relative size error, background colour error (RGB units)."""
+    from framepack.train import toyworld
+
+    o = scene.objects[0]
+    bg = toyworld.background_image(scene)  # (H, W, 3) float
+    area = float(toyworld.coverage(o.shape, o.x, o.y, o.size, o.angle, scene.size).sum())
+    col, size, back = [], [], []
+    for f in frames.astype(np.float32):
+        dist = np.sqrt(((f - bg) ** 2).sum(-1))
+        mask = dist > 60.0
+        grown = mask.copy()
+        for dy in (-2, -1, 0, 1, 2):
+            for dx in (-2, -1, 0, 1, 2):
+                grown |= np.roll(np.roll(mask, dy, 0), dx, 1)
+        if mask.sum() >= 3:
+            col.append(float(np.linalg.norm(np.median(f[mask], axis=0) - np.array(o.rgb, np.float32))))
+        else:
+            col.append(float(np.linalg.norm(bg.mean((0, 1)) - np.array(o.rgb, np.float32))))  # object gone
+        size.append(abs(math.sqrt(mask.sum()) - math.sqrt(area)) / math.sqrt(area))
+        back.append(float(np.abs(f[~grown] - bg[~grown]).mean()) if (~grown).any() else float("nan"))
+    return {"color": float(np.mean(col)), "size": float(np.mean(size)), "background": float(np.nanmean(back))}
+
+
+def _mean(xs) -> float:
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return statistics.fmean(xs) if xs else float("nan")
+
+
+# ------------------------------------------------------------------------------------ main
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scenes", type=int, default=24, help="held-out scenes for motion accuracy")
+    ap.add_argument("--motion-sections", type=int, default=2, help="length of the motion clips (sections)")
+    ap.add_argument("--drift-scenes", type=int, default=4, help="held-out scenes for the 30 s / 60 s drift runs")
+    ap.add_argument("--lengths", type=int, nargs="+", default=[30, 60], help="drift video lengths, seconds")
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--quick", action="store_true", help="4 scenes, 1 drift scene, 6 s and 12 s (a smoke run)")
+    args = ap.parse_args()
+    if args.quick:
+        args.scenes, args.drift_scenes, args.lengths = 4, 1, [6, 12]
+    import torch
+
+    from framepack.registry import get_spec, resolve_spec
+
+    resolve_spec(get_spec("toy"))  # a clear message if the toy model is not packaged
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    run = Runner(args.steps)
+    t0 = time.perf_counter()
+
+    # 1. motion accuracy
+    print(f"# motion accuracy: {args.scenes} held-out scenes, {args.motion_sections} sections "
+          f"({args.motion_sections * SECTION_FRAMES + 1} frames) each", flush=True)  # fmt: skip
+    motion = {}
+    for model in ("toy", "toy-f1"):
+        rows = []
+        for i, clip in enumerate(held_out_scenes(args.scenes, args.motion_sections)):
+            gen = run.generate(model, clip.frames[0], clip.caption, args.motion_sections, seed=i)
+            rows.append(motion_metrics(gen.frames, clip))
+        judged = [r["direction_ok"] for r in rows if r["direction_ok"] is not None]
+        motion[model] = {"error": _mean(r["error"] for r in rows), "lost": _mean(r["lost"] for r in rows),
+                         "direction": sum(judged) / max(1, len(judged)), "judged": len(judged)}  # fmt: skip
+    print("| model | mean centroid error (px/frame) | direction correct | frames lost |")
+    print("| --- | --- | --- | --- |")
+    for model, m in motion.items():
+        print(f"| {model} | {m['error']:.2f} | {m['direction']:.0%} of {m['judged']} | {m['lost']:.1%} |")
+    print(flush=True)
+
+    # 2. drift + 3. cost
+    modes = (("inverted (toy)", "toy", False), ("forward (toy-f1)", "toy-f1", False),
+             ("no anti-drifting baseline", "toy-f1", True))  # fmt: skip
+    cost = None
+    print(f"# drift: {args.drift_scenes} held-out scenes; first vs last section (RGB units, size relative)")
+    print("| length | mode | object colour err first -> last | size err first -> last | "
+          "background err first -> last |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- |")
+    for seconds in args.lengths:
+        sections = round(seconds * 30 / SECTION_FRAMES)
+        scenes = held_out_scenes(args.drift_scenes, sections, plain_size=True)
+        for label, model, no_start in modes:
+            first, last = [], []
+            for i, clip in enumerate(scenes):
+                gen = run.generate(model, clip.frames[0], clip.caption, sections, seed=100 + i, no_start=no_start)
+                first.append(appearance(gen.frames[1 : 1 + SECTION_FRAMES], clip.scene))
+                last.append(appearance(gen.frames[-SECTION_FRAMES:], clip.scene))
+                if cost is None and sections >= 50 and model == "toy-f1" and not no_start:
+                    cost = gen
+            f = {k: _mean(d[k] for d in first) for k in first[0]}
+            la = {k: _mean(d[k] for d in last) for k in last[0]}
+            print(f"| {seconds} s ({sections} sections) | {label} | {f['color']:.1f} -> {la['color']:.1f} | "
+                  f"{f['size']:.2f} -> {la['size']:.2f} | {f['background']:.1f} -> {la['background']:.1f} |",
+                  flush=True)  # fmt: skip
+    print()
+    if cost is not None:
+        s, p = cost.section_seconds, cost.section_peak_rss
+        print("# cost (toy-f1, 60 s video, 64x64)")
+        print("| section | seconds | peak RSS (MiB) |")
+        print("| --- | --- | --- |")
+        for k in (0, 1, len(s) - 2, len(s) - 1):
+            print(f"| {k + 1} | {s[k]:.2f} | {p[k] / 2**20:.0f} |")
+        print(f"section 50 / section 2: time {s[-1] / s[1]:.2f}x, peak RSS {p[-1] / p[1]:.3f}x")
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

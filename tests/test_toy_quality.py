@@ -1,0 +1,60 @@
+"""The toy-quality benchmark's measurements, checked on videos whose answer is known (the ground truth
+itself, a shifted copy, a copy without the object), so its numbers mean what its table says."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import toy_quality as Q
+
+from framepack.train import toyworld
+
+
+def test_held_out_scenes_are_single_moving_objects_not_in_training():
+    clips = Q.held_out_scenes(8, 2, plain_size=True)
+    assert len(clips) == 8 and all(c.seed[0] == Q.HELD_OUT for c in clips)
+    for c in clips:
+        (o,) = c.scene.objects
+        assert o.direction is not None and o.growth == 0 and len(c.frames) == 73
+
+
+def test_motion_metrics_on_known_videos():
+    judged = 0
+    for clip in Q.held_out_scenes(6, 2):
+        truth = Q.motion_metrics(clip.frames, clip)
+        assert truth["error"] < 0.2 and truth["lost"] == 0.0 and truth["direction_ok"] is not False
+        judged += truth["direction_ok"] is True
+        # the same motion drawn 4 px further right (partly cut off at the right wall in a few frames)
+        moved = dataclasses.replace(clip.truth, centers=clip.truth.centers + np.array([4.0, 0.0]))
+        shifted = Q.motion_metrics(toyworld.render(clip.scene, moved), clip)
+        assert 3.5 < shifted["error"] < 4.5, shifted
+        background = np.broadcast_to(np.rint(toyworld.background_image(clip.scene)).astype(np.uint8),
+                                     clip.frames.shape)  # fmt: skip
+        empty = Q.motion_metrics(background, clip)
+        assert empty["lost"] == 1.0 and empty["direction_ok"] is not True  # None: bounce too early to judge
+    assert judged >= 4
+    # an object moving the wrong way: the truth's frames of a scene with the opposite velocity
+    clip = Q.held_out_scenes(1, 1)[0]
+    o = clip.scene.objects[0]
+    back = toyworld.SceneSpec(clip.scene.size, clip.scene.background, clip.scene.gradient,
+                              (toyworld.replace(o, vx=-o.vx, vy=-o.vy),))  # fmt: skip
+    frames = toyworld.render(back, toyworld.simulate(back, len(clip.frames)))
+    assert Q.motion_metrics(frames, clip)["direction_ok"] is False
+
+
+def test_appearance_on_known_frames():
+    clip = Q.held_out_scenes(1, 1, plain_size=True)[0]
+    truth = Q.appearance(clip.frames, clip.scene)
+    assert truth["color"] < 1.0 and truth["size"] < 0.15 and truth["background"] < 1.0
+    dim = (clip.frames.astype(np.float32) * 0.7).astype(np.uint8)  # everything 30% darker
+    dimmed = Q.appearance(dim, clip.scene)
+    assert dimmed["color"] > 30 and dimmed["background"] > 5
+    bg = np.broadcast_to(np.rint(toyworld.background_image(clip.scene)).astype(np.uint8), clip.frames.shape)
+    gone = Q.appearance(bg, clip.scene)
+    assert gone["size"] == 1.0 and gone["color"] > 60

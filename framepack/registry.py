@@ -138,7 +138,7 @@ def _packaged_root(spec: ModelSpec) -> Path:
 
         raise CheckpointError(
             f"model {spec.name!r} is trained in this project and its weights are not in {root} yet. Train and "
-            f"package it with (about 1.5 hours on 2 CPU cores; see the README, 'Training and the toy model'):\n"
+            f"package it with (see the README, 'Training and the toy model'):\n"
             + "\n".join(f"  {c}" for c in TRAINING_COMMANDS)
             + f"\nor set {TOY_DIR_ENV} to a packaged folder."
         )

@@ -56,7 +56,7 @@ def register(sub) -> None:
     v.add_argument("--steps", type=int, default=2000)
     v.add_argument("--batch", type=int, default=2)
     v.add_argument("--frames", type=int, default=9, help="frames per training clip (4k + 1)")
-    v.add_argument("--lr", type=float, default=2e-3)
+    v.add_argument("--lr", type=float, default=1e-5)
     v.add_argument("--kl", type=float, default=1e-4, help="KL weight")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")

@@ -14,8 +14,8 @@ Importing this package is cheap; the modules load torch and friends when importe
 # seeds. The README's "Training and the toy model" lists them with measured times.
 TRAINING_COMMANDS = (
     "framepack train family --out runs/toy/family",
-    "framepack train vae --family runs/toy/family --out runs/toy/vae --steps 2000 --seed 0",
-    "framepack train data --family runs/toy/family --out runs/toy/data --clips 600 --sections 1-6 --seed 0",
-    "framepack train transformer --data runs/toy/data --out runs/toy/transformer --steps 12000 --seed 0",
+    "framepack train vae --family runs/toy/family --out runs/toy/vae --steps 500 --seed 0",
+    "framepack train data --family runs/toy/family --out runs/toy/data --clips 400 --sections 1-6 --seed 0",
+    "framepack train transformer --data runs/toy/data --out runs/toy/transformer --steps 5000 --seed 0",
     "framepack train package --family runs/toy/family --transformer runs/toy/transformer/transformer",
 )

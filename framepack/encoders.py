@@ -152,10 +152,15 @@ class ImageEncoder:
         return self.model(pixel_values=pixels).last_hidden_state.float().cpu()
 
 
-def load_image_processor(path: str | os.PathLike):
-    """SigLIP preprocessing (resize bicubic, rescale 1/255, normalise 0.5/0.5) without torchvision."""
+def siglip_processor_class():
+    """transformers' PIL-based SigLIP image processor class (no torchvision needed)."""
     try:
         from transformers import SiglipImageProcessorPil as Processor  # transformers >= 5
     except ImportError:
         from transformers import SiglipImageProcessor as Processor  # PIL-based before 5
-    return Processor.from_pretrained(path)
+    return Processor
+
+
+def load_image_processor(path: str | os.PathLike):
+    """SigLIP preprocessing (resize bicubic, rescale 1/255, normalise 0.5/0.5) without torchvision."""
+    return siglip_processor_class().from_pretrained(path)

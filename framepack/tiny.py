@@ -105,10 +105,9 @@ def build_tiny(root: Path, seed: int = SEED) -> None:
         SiglipVisionModel,
     )
 
-    try:
-        from transformers import SiglipImageProcessorPil as SiglipImageProcessor  # no torchvision needed
-    except ImportError:  # transformers < 5: the PIL-based class has the plain name
-        from transformers import SiglipImageProcessor
+    from framepack.encoders import siglip_processor_class
+
+    SiglipImageProcessor = siglip_processor_class()
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()

@@ -367,20 +367,29 @@ def _app_missing() -> str | None:
     return f"the app needs {', '.join(missing)}: pip install 'framepack[app]'" if missing else None
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _start_server(args: argparse.Namespace, host: str, *, public: bool = False):
+    """What `serve` and `ui` do before serving: app extras present, exposure allowed, queue opened.
+    Returns the open JobQueue, or the exit code when one of those fails."""
     if (missing := _app_missing()) is not None:
         print(f"error: {missing}", file=sys.stderr)
         return 2
-    from framepack.app import api
     from framepack.jobs import JobError
 
-    if (code := _check_exposure(args.host, args)) is not None:
+    if (code := _check_exposure(host, args, public=public)) is not None:
         return code
     try:
-        queue = _open_queue(args)
+        return _open_queue(args)
     except JobError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def _serve(args: argparse.Namespace) -> int:
+    queue = _start_server(args, args.host)
+    if isinstance(queue, int):
+        return queue
+    from framepack.app import api
+
     try:
         app = api.create_app(queue, token=args.token, max_upload_bytes=int(args.max_upload_mb * 2**20))
         sock = api.bind(args.host, args.port)
@@ -393,19 +402,11 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _ui(args: argparse.Namespace) -> int:
-    if (missing := _app_missing()) is not None:
-        print(f"error: {missing}", file=sys.stderr)
-        return 2
+    queue = _start_server(args, args.server, public=args.share)
+    if isinstance(queue, int):
+        return queue
     from framepack.app import api, ui
-    from framepack.jobs import JobError
 
-    if (code := _check_exposure(args.server, args, public=args.share)) is not None:
-        return code
-    try:
-        queue = _open_queue(args)
-    except JobError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     try:
         app = api.create_app(queue, token=args.token, max_upload_bytes=int(args.max_upload_mb * 2**20))
         ui.mount(app, queue, token=args.token)

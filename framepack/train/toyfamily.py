@@ -296,10 +296,9 @@ def build_family(root: str | os.PathLike, cfg: FamilyConfig = TOY_FAMILY, seed: 
         SiglipVisionModel,
     )
 
-    try:
-        from transformers import SiglipImageProcessorPil as SiglipImageProcessor  # no torchvision needed
-    except ImportError:  # transformers < 5: the PIL-based class has the plain name
-        from transformers import SiglipImageProcessor
+    from framepack.encoders import siglip_processor_class
+
+    SiglipImageProcessor = siglip_processor_class()
 
     _quiet()
     root = Path(root)

@@ -206,10 +206,10 @@ def main() -> None:
     # 1. motion accuracy
     print(f"# motion accuracy: {args.scenes} held-out scenes, {args.motion_sections} sections "
           f"({args.motion_sections * SECTION_FRAMES + 1} frames) each", flush=True)  # fmt: skip
-    motion = {}
+    motion, scenes = {}, held_out_scenes(args.scenes, args.motion_sections)
     for model in ("toy", "toy-f1"):
         rows = []
-        for i, clip in enumerate(held_out_scenes(args.scenes, args.motion_sections)):
+        for i, clip in enumerate(scenes):
             gen = run.generate(model, clip.frames[0], clip.caption, args.motion_sections, seed=i)
             rows.append(motion_metrics(gen.frames, clip))
         judged = [r["direction_ok"] for r in rows if r["direction_ok"] is not None]

@@ -16,6 +16,11 @@ import toy_quality as Q
 from framepack.train import toyworld
 
 
+def _background_video(clip) -> np.ndarray:
+    """The clip's frames without its object: the scene's background in every frame."""
+    return np.broadcast_to(np.rint(toyworld.background_image(clip.scene)).astype(np.uint8), clip.frames.shape)
+
+
 def test_held_out_scenes_are_single_moving_objects_not_in_training():
     clips = Q.held_out_scenes(8, 2, plain_size=True)
     assert len(clips) == 8 and all(c.seed[0] == Q.HELD_OUT for c in clips)
@@ -34,9 +39,7 @@ def test_motion_metrics_on_known_videos():
         moved = dataclasses.replace(clip.truth, centers=clip.truth.centers + np.array([4.0, 0.0]))
         shifted = Q.motion_metrics(toyworld.render(clip.scene, moved), clip)
         assert 3.5 < shifted["error"] < 4.5, shifted
-        background = np.broadcast_to(np.rint(toyworld.background_image(clip.scene)).astype(np.uint8),
-                                     clip.frames.shape)  # fmt: skip
-        empty = Q.motion_metrics(background, clip)
+        empty = Q.motion_metrics(_background_video(clip), clip)
         assert empty["lost"] == 1.0 and empty["direction_ok"] is not True  # None: bounce too early to judge
     assert judged >= 4
     # an object moving the wrong way: the truth's frames of a scene with the opposite velocity
@@ -55,6 +58,5 @@ def test_appearance_on_known_frames():
     dim = (clip.frames.astype(np.float32) * 0.7).astype(np.uint8)  # everything 30% darker
     dimmed = Q.appearance(dim, clip.scene)
     assert dimmed["color"] > 30 and dimmed["background"] > 5
-    bg = np.broadcast_to(np.rint(toyworld.background_image(clip.scene)).astype(np.uint8), clip.frames.shape)
-    gone = Q.appearance(bg, clip.scene)
+    gone = Q.appearance(_background_video(clip), clip.scene)
     assert gone["size"] == 1.0 and gone["color"] > 60

@@ -222,6 +222,18 @@ def _tap(conv: torch.nn.Conv3d, out_ch: int, in_ch: int, value: float, spatial=N
         conv.weight[out_ch, in_ch, k] = value * spatial
 
 
+POSTERIOR_LOGVAR = -6.0  # the fresh VAE's posterior log-variance bias: near-deterministic (std e^-3)
+
+
+def _linear_start_problem(vae) -> str | None:
+    """Why `linear_start` cannot shape this VAE (it needs groups of 4 channels, at least 3 of them), or None."""
+    channels, groups = vae.encoder.conv_in.conv.weight.shape[0], vae.encoder.conv_norm_out.num_groups
+    gs = channels // groups
+    if gs != 4 or groups < 3:
+        return f"linear_start needs groups of 4 channels and at least 3 groups, got {groups} x {gs}"
+    return None
+
+
 @torch.no_grad()
 def linear_start(vae, reference: float = 8.0) -> None:
     """Start the VAE as a blocky linear autoencoder of the RGB colour, with every residual branch open
@@ -234,10 +246,9 @@ def linear_start(vae, reference: float = 8.0) -> None:
     silu(c) - silu(-c) = c reads it back. Residual branches (conv2, attention outputs) start at zero,
     the strided convs average (tent) or repeat, so encode -> decode starts as 8x8 block colours.
     """
-    channels, groups = vae.encoder.conv_in.conv.weight.shape[0], vae.encoder.conv_norm_out.num_groups
-    gs = channels // groups
-    if gs != 4 or groups < 3:
-        raise ValueError(f"linear_start needs groups of 4 channels and at least 3 groups, got {groups} x {gs}")
+    if (problem := _linear_start_problem(vae)) is not None:
+        raise ValueError(problem)
+    channels = vae.encoder.conv_in.conv.weight.shape[0]
     k2 = reference / math.sqrt(2.0)  # GroupNorm weight undoing the division by std = K / sqrt(2)
     tent = torch.tensor([0.25, 0.5, 0.25])
     tent2 = tent[:, None] * tent[None, :]
@@ -282,7 +293,7 @@ def linear_start(vae, reference: float = 8.0) -> None:
         conv.bias.zero_()
         for c in range(conv.weight.shape[0]):
             conv.weight[c, c] = 1.0
-    vae.quant_conv.bias[latent:] = -6.0  # near-deterministic posterior (std e^-3)
+    vae.quant_conv.bias[latent:] = POSTERIOR_LOGVAR
 
 
 def build_family(root: str | os.PathLike, cfg: FamilyConfig = TOY_FAMILY, seed: int = FAMILY_SEED) -> Path:
@@ -336,11 +347,11 @@ def build_family(root: str | os.PathLike, cfg: FamilyConfig = TOY_FAMILY, seed: 
 
     torch.manual_seed(seed + 2)
     vae = build_vae(cfg)
-    if len(cfg.vae_channels) and cfg.vae_channels[0] == 4 * cfg.vae_groups and cfg.vae_groups >= 3:
+    if _linear_start_problem(vae) is None:
         linear_start(vae)  # a randomly initialised VAE learns colours very slowly (see linear_start)
     else:  # (the test-size family) near-deterministic posterior only
         with torch.no_grad():
-            vae.quant_conv.bias[16:].fill_(-6.0)
+            vae.quant_conv.bias[vae.post_quant_conv.weight.shape[0] :] = POSTERIOR_LOGVAR
     vae.to(torch.bfloat16).save_pretrained(paths["vae"])
 
     torch.manual_seed(seed + 3)

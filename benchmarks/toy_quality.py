@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 HELD_OUT = 7_777  # first element of every held-out scene seed; training clips use (data seed, i) with seed 0
 SECTION_FRAMES = 36  # window 9
+VAE_ROW = "truth through the VAE (bound)"
 TOY_CFG = 3.0  # real CFG: the toy model was trained with 10% caption dropout and reads the caption better with it
 
 
@@ -126,6 +127,16 @@ class Runner:
         return Generated(read_frames(result.video), times, peaks)
 
 
+def vae_round_trip(vae, frames: np.ndarray) -> np.ndarray:
+    """(T, H, W, 3) uint8 -> the same clip encoded and decoded by `vae` in one pass (posterior mode)."""
+    import torch
+
+    x = torch.from_numpy(frames).float().permute(3, 0, 1, 2)[None] / 127.5 - 1  # (1, 3, T, H, W)
+    with torch.no_grad():
+        y = vae.decode(vae.encode(x).latent_dist.mode()).sample[0]
+    return ((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).numpy()
+
+
 # ------------------------------------------------------------------------------------ measurements
 def motion_metrics(gen: np.ndarray, clip) -> dict:
     from framepack.train import toyworld
@@ -196,6 +207,7 @@ def main() -> None:
     import torch
 
     from framepack.registry import get_spec, resolve_spec
+    from framepack.train import toyfamily
 
     resolve_spec(get_spec("toy"))  # a clear message if the toy model is not packaged
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -207,11 +219,15 @@ def main() -> None:
     print(f"# motion accuracy: {args.scenes} held-out scenes, {args.motion_sections} sections "
           f"({args.motion_sections * SECTION_FRAMES + 1} frames) each", flush=True)  # fmt: skip
     motion, scenes = {}, held_out_scenes(args.scenes, args.motion_sections)
-    for model in ("toy", "toy-f1"):
+    vae = toyfamily.load_vae(resolve_spec(get_spec("toy"))["transformer"].parent).float().eval()
+    for model in ("toy", "toy-f1", VAE_ROW):
         rows = []
         for i, clip in enumerate(scenes):
-            gen = run.generate(model, clip.frames[0], clip.caption, args.motion_sections, seed=i)
-            rows.append(motion_metrics(gen.frames, clip))
+            if model == VAE_ROW:
+                frames = vae_round_trip(vae, clip.frames)
+            else:
+                frames = run.generate(model, clip.frames[0], clip.caption, args.motion_sections, seed=i).frames
+            rows.append(motion_metrics(frames, clip))
         judged = [r["direction_ok"] for r in rows if r["direction_ok"] is not None]
         motion[model] = {"error": _mean(r["error"] for r in rows), "lost": _mean(r["lost"] for r in rows),
                          "direction": sum(judged) / max(1, len(judged)), "judged": len(judged)}  # fmt: skip

@@ -13,7 +13,9 @@ Importing this package is cheap; the modules load torch and friends when importe
 # The commands that train and package the shipped toy model (`toy` / `toy-f1`), in order, with their
 # seeds. The README's "Training and the toy model" lists them with measured times. The second `data`
 # command extends the first dataset (clips 400..899; existing clips are kept), and the second run
-# continues from the first run's exported (EMA) weights with a fresh warmup + cosine schedule.
+# continues from the first run's exported (EMA) weights with a fresh warmup + cosine schedule. Then the
+# VAE run continues (its own checkpoint, to 2000 steps), which rewrites the family's VAE: the data is
+# encoded again into a new folder and a third run continues from the second run's weights on it.
 TRAINING_COMMANDS = (
     "framepack train family --out runs/toy/family",
     "framepack train vae --family runs/toy/family --out runs/toy/vae --steps 500 --seed 0",
@@ -22,5 +24,9 @@ TRAINING_COMMANDS = (
     "framepack train data --family runs/toy/family --out runs/toy/data --clips 900 --sections 1-6 --seed 0",
     "framepack train transformer --data runs/toy/data --out runs/toy/transformer2"
     " --init runs/toy/transformer/transformer --steps 12000 --lr 3e-4 --warmup 200 --seed 1",
-    "framepack train package --family runs/toy/family --transformer runs/toy/transformer2/transformer",
+    "framepack train vae --family runs/toy/family --out runs/toy/vae --steps 2000 --seed 0 --resume",
+    "framepack train data --family runs/toy/family --out runs/toy/data2 --clips 900 --sections 1-6 --seed 0",
+    "framepack train transformer --data runs/toy/data2 --out runs/toy/transformer3"
+    " --init runs/toy/transformer2/transformer --steps 9000 --lr 3e-4 --warmup 200 --seed 2",
+    "framepack train package --family runs/toy/family --transformer runs/toy/transformer3/transformer",
 )

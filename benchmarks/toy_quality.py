@@ -209,7 +209,7 @@ def main() -> None:
     from framepack.registry import get_spec, resolve_spec
     from framepack.train import toyfamily
 
-    resolve_spec(get_spec("toy"))  # a clear message if the toy model is not packaged
+    toy_root = resolve_spec(get_spec("toy"))["transformer"].parent  # a clear message if it is not packaged
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     run = Runner(args.steps, args.cfg)
     print(f"# {args.steps} steps per section, real CFG {args.cfg:g}, distilled guidance 10, no TeaCache")
@@ -219,7 +219,7 @@ def main() -> None:
     print(f"# motion accuracy: {args.scenes} held-out scenes, {args.motion_sections} sections "
           f"({args.motion_sections * SECTION_FRAMES + 1} frames) each", flush=True)  # fmt: skip
     motion, scenes = {}, held_out_scenes(args.scenes, args.motion_sections)
-    vae = toyfamily.load_vae(resolve_spec(get_spec("toy"))["transformer"].parent).float().eval()
+    vae = toyfamily.load_vae(toy_root).float().eval()
     for model in ("toy", "toy-f1", VAE_ROW):
         rows = []
         for i, clip in enumerate(scenes):

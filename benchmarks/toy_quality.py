@@ -127,14 +127,21 @@ class Runner:
         return Generated(read_frames(result.video), times, peaks)
 
 
-def vae_round_trip(vae, frames: np.ndarray) -> np.ndarray:
-    """(T, H, W, 3) uint8 -> the same clip encoded and decoded by `vae` in one pass (posterior mode)."""
+def vae_round_trip(vae, frames: np.ndarray, seed: int = 0) -> np.ndarray:
+    """(T, H, W, 3) uint8, T = 4k+1 -> the same clip encoded and decoded by `vae` in one pass.
+
+    The conversions are the pipeline's own (a seeded posterior sample, decode, clamp and truncate to
+    uint8), so the only difference from a generated video is where the latents came from.
+    """
     import torch
 
-    x = torch.from_numpy(frames).float().permute(3, 0, 1, 2)[None] / 127.5 - 1  # (1, 3, T, H, W)
-    with torch.no_grad():
-        y = vae.decode(vae.encode(x).latent_dist.mode()).sample[0]
-    return ((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).numpy()
+    from framepack import vae as vae_io
+    from framepack.video import to_uint8_frames
+
+    if (len(frames) - 1) % 4:
+        raise ValueError(f"the VAE round trip needs 4k+1 frames, got {len(frames)}")
+    latents = vae_io.encode_frames(vae, frames, torch.Generator().manual_seed(seed))
+    return to_uint8_frames(vae_io.decode(vae, latents))
 
 
 # ------------------------------------------------------------------------------------ measurements

@@ -5,8 +5,9 @@ Three measurements (see issue 7 and README "Training and the toy model"):
 1. Motion accuracy. For held-out scenes (seeds never used in training) the model gets the scene's
    first frame and caption and generates the clip's length; a colour tracker follows the object in
    the generated video and in the ground truth. Reported per schedule: mean centroid error in pixels
-   per frame, the fraction of clips whose early motion (before the first bounce) points within 45
-   degrees of the true direction, and the fraction of frames where the object was lost.
+   per frame, the fraction of clips whose early motion (before the first bounce, read between the
+   first and the last frame where the object is found) points within 45 degrees of the true
+   direction, and the fraction of frames where the object was lost.
 2. Drift over long videos (30 s and 60 s). The object's colour (median of its pixels), its size
    (square root of its area) and the background colour (pixels away from the object) are measured in
    the first and in the last section and compared with the scene's truth, for the inverted (original)
@@ -154,17 +155,21 @@ def motion_metrics(gen: np.ndarray, clip) -> dict:
     true = truth.centers[:n, 0]
     err = np.linalg.norm(cent - true, axis=1)
     lost = np.isnan(err)
-    # early motion: up to the first bounce (or the first section), at least 6 frames in
+    # early motion: frames 0..k, up to the first bounce (or the first section); judged when k >= 6.
+    # The direction is read between the first and the last frame of that window in which the object
+    # is found (a frame lost at either end does not make a correct motion wrong); an object found in
+    # fewer than 6 frames' span of the window shows no direction, which counts as wrong.
     bounce = np.flatnonzero(truth.bounced[:n, 0])
     k = min(int(bounce[0]) - 1 if len(bounce) else n - 1, SECTION_FRAMES)
     ok = None
-    if k >= 6 and not np.isnan(cent[[0, k]]).any():
-        d = cent[k] - cent[0]
-        v = np.array([o.vx, o.vy])
-        cos = float(d @ v / (np.linalg.norm(d) * np.linalg.norm(v) + 1e-9))
-        ok = cos > math.cos(math.radians(45))
-    elif k >= 6:
+    if k >= 6:
+        found = np.flatnonzero(~lost[: k + 1])
         ok = False
+        if len(found) and found[-1] - found[0] >= 6:
+            d = cent[found[-1]] - cent[found[0]]
+            v = np.array([o.vx, o.vy])
+            cos = float(d @ v / (np.linalg.norm(d) * np.linalg.norm(v) + 1e-9))
+            ok = cos > math.cos(math.radians(45))
     return {"error": float(np.nanmean(err)) if (~lost).any() else float("nan"), "lost": float(lost.mean()),
             "direction_ok": ok}  # fmt: skip
 

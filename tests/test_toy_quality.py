@@ -52,6 +52,19 @@ def test_motion_metrics_on_known_videos():
     assert Q.motion_metrics(frames, clip)["direction_ok"] is False
 
 
+def test_direction_is_read_between_the_frames_where_the_object_is_found():
+    clip = next(c for c in Q.held_out_scenes(12, 2) if not c.truth.bounced[: Q.SECTION_FRAMES + 1, 0].any())
+    assert Q.motion_metrics(clip.frames, clip)["direction_ok"] is True
+    background = _background_video(clip)
+    hidden = clip.frames.copy()
+    hidden[Q.SECTION_FRAMES - 2 : Q.SECTION_FRAMES + 1] = background[:3]  # lost at the window's end
+    hidden[:2] = background[:2]  # and at its start
+    m = Q.motion_metrics(hidden, clip)
+    assert m["lost"] > 0 and m["direction_ok"] is True
+    hidden[6:] = background[6:]  # found only in frames 2..5: a span too short to show a direction
+    assert Q.motion_metrics(hidden, clip)["direction_ok"] is False
+
+
 def test_appearance_on_known_frames():
     clip = Q.held_out_scenes(1, 1, plain_size=True)[0]
     truth = Q.appearance(clip.frames, clip.scene)

@@ -28,5 +28,7 @@ TRAINING_COMMANDS = (
     "framepack train data --family runs/toy/family --out runs/toy/data2 --clips 900 --sections 1-6 --seed 0",
     "framepack train transformer --data runs/toy/data2 --out runs/toy/transformer3"
     " --init runs/toy/transformer2/transformer --steps 9000 --lr 3e-4 --warmup 200 --seed 2",
-    "framepack train package --family runs/toy/family --transformer runs/toy/transformer3/transformer",
+    "framepack train transformer --data runs/toy/data2 --out runs/toy/transformer4"
+    " --init runs/toy/transformer3/transformer --steps 12000 --lr 3e-4 --warmup 200 --seed 3",
+    "framepack train package --family runs/toy/family --transformer runs/toy/transformer4/transformer",
 )

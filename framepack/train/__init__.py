@@ -15,7 +15,8 @@ Importing this package is cheap; the modules load torch and friends when importe
 # command extends the first dataset (clips 400..899; existing clips are kept), and the second run
 # continues from the first run's exported (EMA) weights with a fresh warmup + cosine schedule. Then the
 # VAE run continues (its own checkpoint, to 2000 steps), which rewrites the family's VAE: the data is
-# encoded again into a new folder and a third run continues from the second run's weights on it.
+# encoded again into a new folder and a third run continues from the second run's weights on it; a
+# fourth continues from the third on the same data.
 TRAINING_COMMANDS = (
     "framepack train family --out runs/toy/family",
     "framepack train vae --family runs/toy/family --out runs/toy/vae --steps 500 --seed 0",

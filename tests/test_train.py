@@ -223,6 +223,23 @@ def test_training_batches_carry_the_engine_contexts(mini, tmp_path):
         assert torch.equal(batch.kwargs["encoder_hidden_states"][b, :n], text) and n == text.shape[0]
 
 
+def test_schedule_weights_set_the_mix(mini, tmp_path):
+    # 3:1 towards the inverted schedule: a binomial count over 400 samples (sd ~8.7) lands near 300
+    tr = T.SectionTrainer(_config(mini, tmp_path, probe_samples=0, schedule_weights=(3.0, 1.0)))
+    kinds = [m["schedule"] for m in tr.draw(400, torch.Generator().manual_seed(5)).meta]
+    assert 265 <= kinds.count("inverted") <= 335, kinds.count("inverted")
+    unweighted = [m["schedule"] for m in tr.draw(400, torch.Generator().manual_seed(5), weighted=False).meta]
+    assert 165 <= unweighted.count("inverted") <= 235, unweighted.count("inverted")  # the probe's even mix
+    # equal weights are the unweighted draw itself, so earlier runs' recorded commands still reproduce
+    plain = T.SectionTrainer(_config(mini, tmp_path, probe_samples=0))
+    even = T.SectionTrainer(_config(mini, tmp_path, probe_samples=0, schedule_weights=(2.0, 2.0)))
+    a, b = (t.draw(12, torch.Generator().manual_seed(7)) for t in (plain, even))
+    assert a.meta == b.meta and torch.equal(a.target, b.target)
+    for bad, says in (((1.0,), "one weight per schedule"), ((1.0, 0.0), "positive"), ((1.0, float("nan")), "positive")):
+        with pytest.raises(ValueError, match=says):
+            T.SectionTrainer(_config(mini, tmp_path, probe_samples=0, schedule_weights=bad))
+
+
 def test_sigmas_follow_the_inference_shift():
     for seq_len in (144, 4000, 20000):
         mu = flow_shift_mu(seq_len)

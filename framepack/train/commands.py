@@ -39,6 +39,13 @@ def _floats(text: str) -> tuple[float, float]:
     return float(lo), float(hi or lo)
 
 
+def _weights(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 2,1; got {text!r}") from None
+
+
 def register(sub) -> None:
     p = sub.add_parser("train", help="train FramePack models (toy family, section trainer, packaging)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -125,6 +132,12 @@ def _transformer_args(r: argparse.ArgumentParser) -> None:
     r.add_argument("--grad-clip", type=float, default=dflt["grad_clip"])
     r.add_argument("--ema", type=float, default=dflt["ema"], help="EMA decay (0: off)")
     r.add_argument("--schedules", default=",".join(dflt["schedules"]), help="inverted,forward (mixed per batch)")
+    r.add_argument(
+        "--schedule-weights",
+        type=_weights,
+        default=dflt["schedule_weights"],
+        help="relative share of each schedule's samples, same order (e.g. 2,1); default equal",
+    )
     r.add_argument("--sigma-sampling", choices=["uniform", "logit-normal"], default=dflt["sigma_sampling"])
     r.add_argument("--guidance", type=_floats, default=dflt["guidance"], help="distilled guidance range LO,HI")
     r.add_argument("--caption-dropout", type=float, default=dflt["caption_dropout"])
@@ -202,7 +215,8 @@ def _transformer(args: argparse.Namespace) -> int:
         data=args.data, out=args.out, model=args.model, init=args.init, steps=args.steps, batch_size=args.batch,
         lr=args.lr, lr_schedule=args.lr_schedule, warmup=args.warmup, weight_decay=args.weight_decay,
         grad_clip=args.grad_clip, ema=args.ema, schedules=tuple(s for s in args.schedules.split(",") if s),
-        sigma_sampling=args.sigma_sampling, guidance=args.guidance, caption_dropout=args.caption_dropout,
+        schedule_weights=tuple(args.schedule_weights), sigma_sampling=args.sigma_sampling, guidance=args.guidance,
+        caption_dropout=args.caption_dropout,
         no_start_probability=args.no_start_probability, context_noise=args.context_noise, precision=args.precision,
         gradient_checkpointing=args.gradient_checkpointing, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
         seed=args.seed, save_every=args.save_every, log_every=args.log_every, probe_every=args.probe_every,
@@ -213,10 +227,17 @@ def _transformer(args: argparse.Namespace) -> int:
         print(f"resumed at step {trainer.step}", file=sys.stderr)
     params = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     print(f"training {params / 1e6:.2f}M parameters on {len(trainer.data)} clips "
-          f"({', '.join(trainer.schedules)} schedules)", file=sys.stderr)  # fmt: skip
+          f"({_mix(cfg)} schedules)", file=sys.stderr)  # fmt: skip
     path = trainer.fit(progress=not args.quiet)
     print(f"exported {path} after {trainer.step} steps ({trainer.seconds / 60:.1f} min); loss log {args.out}/loss.csv")
     return 0
+
+
+def _mix(cfg) -> str:
+    if not cfg.schedule_weights:
+        return ", ".join(cfg.schedules)
+    total = sum(cfg.schedule_weights)
+    return ", ".join(f"{k} {w / total:.0%}" for k, w in zip(cfg.schedules, cfg.schedule_weights))
 
 
 def _package(args: argparse.Namespace) -> int:

@@ -32,6 +32,7 @@ checkpoints holding the model (or LoRA) state, optimizer, EMA and every RNG stat
 
 from __future__ import annotations
 
+import bisect
 import copy
 import dataclasses
 import json
@@ -101,6 +102,26 @@ def sample_t(n: int, generator: torch.Generator, mode: str) -> torch.Tensor:
     else:
         raise ValueError(f"sigma sampling must be 'uniform' or 'logit-normal', got {mode!r}")
     return t.clamp(1e-4, 1.0)
+
+
+def _schedule_share(names: tuple[str, ...], weights: tuple[float, ...]) -> list[float] | None:
+    """Cumulative share of each schedule from relative weights; None when all shares are equal."""
+    if len(set(names)) != len(names) or not names:
+        raise ValueError(f"schedules must be distinct and at least one, got {list(names)}")
+    if not weights:
+        return None
+    if len(weights) != len(names):
+        raise ValueError(f"{len(weights)} schedule weights for {len(names)} schedules {list(names)}: "
+                         "give one weight per schedule, in the same order")  # fmt: skip
+    if not all(math.isfinite(w) and w > 0 for w in weights):
+        raise ValueError(f"schedule weights must be positive numbers, got {list(weights)}")
+    if len(set(weights)) == 1:
+        return None
+    total, acc, out = sum(weights), 0.0, []
+    for w in weights:
+        acc += w / total
+        out.append(acc)
+    return out
 
 
 # ------------------------------------------------------------------------------------ LoRA
@@ -268,6 +289,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema: float = 0.999  # EMA decay of the exported weights; 0 = off
     schedules: tuple[str, ...] = ("inverted", "forward")
+    schedule_weights: tuple[float, ...] = ()  # relative share of each schedule's samples; () = equal
     sigma_sampling: str = "uniform"  # or "logit-normal"
     guidance: tuple[float, float] = (1.0, 12.0)  # distilled guidance scale range
     caption_dropout: float = 0.1
@@ -291,7 +313,7 @@ class TrainConfig:
     @classmethod
     def from_json_dict(cls, d: dict) -> TrainConfig:
         d = dict(d)
-        for k in ("betas", "schedules", "guidance"):
+        for k in ("betas", "schedules", "schedule_weights", "guidance"):
             if k in d:
                 d[k] = tuple(d[k])
         return cls(**d)
@@ -313,6 +335,7 @@ class SectionTrainer:
         self.data = dataset if dataset is not None else LatentDataset(cfg.data)
         self.device = torch.device(cfg.device)
         self.schedules = {k: make_schedule(k, self.data.window) for k in cfg.schedules}
+        self.schedule_share = _schedule_share(cfg.schedules, cfg.schedule_weights)
         self.model = (model if model is not None else build_model(cfg)).to(self.device)
         self._check_widths()
         if cfg.lora_rank > 0:
@@ -345,13 +368,15 @@ class SectionTrainer:
             raise ValueError(f"dataset widths (text, pooled, image, latent channels) {got} do not match the "
                              f"transformer's {want}: the dataset was built with other encoders")  # fmt: skip
 
-    def draw(self, n: int, generator: torch.Generator, sigmas: torch.Tensor | None = None) -> Batch:
-        """A batch of `n` samples; every random choice comes from `generator`, in a fixed order."""
+    def draw(self, n: int, generator: torch.Generator, sigmas: torch.Tensor | None = None,
+             weighted: bool = True) -> Batch:  # fmt: skip
+        """A batch of `n` samples; every random choice comes from `generator`, in a fixed order.
+        `weighted=False` ignores the schedule weights (the probe: comparable across runs)."""
         cfg, kinds = self.cfg, list(self.schedules)
         items = []
         for _ in range(n):
             ci = int(torch.randint(len(self.data), (), generator=generator))
-            kind = kinds[int(torch.randint(len(kinds), (), generator=generator))]
+            kind = kinds[self._pick_schedule(generator, weighted)]
             clip = self.data[ci]
             si = int(torch.randint(clip.sections, (), generator=generator))
             drop_caption = bool(torch.rand((), generator=generator) < cfg.caption_dropout)
@@ -403,11 +428,23 @@ class SectionTrainer:
                 for it in items]  # fmt: skip
         return Batch({k: v.to(self.device) for k, v in kw.items()}, (eps - x0).to(self.device), sigma, meta)
 
+    def _pick_schedule(self, generator: torch.Generator, weighted: bool) -> int:
+        """Index of the schedule for one sample. Equal shares keep the uniform draw of earlier runs (same
+        random stream, so their recorded commands still reproduce them); otherwise one uniform number
+        is placed on the cumulative shares."""
+        share = self.schedule_share if weighted else None
+        if share is None:
+            return int(torch.randint(len(self.schedules), (), generator=generator))
+        u = float(torch.rand((), generator=generator))
+        return min(bisect.bisect_right(share, u), len(share) - 1)
+
     def _probe_batch(self) -> Batch:
-        """A fixed evaluation batch (its own seed, sigmas spread evenly over the shifted schedule)."""
+        """A fixed evaluation batch (its own seed, sigmas spread evenly over the shifted schedule, the
+        schedules mixed evenly whatever their training weights)."""
         n = self.cfg.probe_samples
         t = (torch.arange(n, dtype=torch.float64) + 0.5) / n
-        return self.draw(n, torch.Generator().manual_seed(self.cfg.seed + 1_000_003), shifted_sigma(t, self.mu))
+        gen = torch.Generator().manual_seed(self.cfg.seed + 1_000_003)
+        return self.draw(n, gen, shifted_sigma(t, self.mu), weighted=False)
 
     # ---------------------------------------------------------------- optimisation
     def lr_at(self, step: int) -> float:

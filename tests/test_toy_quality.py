@@ -28,6 +28,10 @@ def test_held_out_scenes_are_single_moving_objects_not_in_training():
     for c in clips:
         (o,) = c.scene.objects
         assert o.direction is not None and o.growth == 0 and len(c.frames) == 73
+    # `first` skips qualifying scenes: the fresh set continues the list, sharing no scene with its head
+    head, fresh = Q.held_out_scenes(5, 1), Q.held_out_scenes(3, 1, first=2)
+    assert [c.seed for c in fresh] == [c.seed for c in head[2:]]
+    assert [c.caption for c in fresh] == [c.caption for c in head[2:]]
 
 
 def test_motion_metrics_on_known_videos():

@@ -238,6 +238,8 @@ def test_schedule_weights_set_the_mix(mini, tmp_path):
     for bad, says in (((1.0,), "one weight per schedule"), ((1.0, 0.0), "positive"), ((1.0, float("nan")), "positive")):
         with pytest.raises(ValueError, match=says):
             T.SectionTrainer(_config(mini, tmp_path, probe_samples=0, schedule_weights=bad))
+    with pytest.raises(ValueError, match="distinct"):  # a repeated name is a mistake, not a weight
+        T.SectionTrainer(_config(mini, tmp_path, probe_samples=0, schedules=("inverted", "inverted")))
 
 
 def test_sigmas_follow_the_inference_shift():

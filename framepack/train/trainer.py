@@ -19,10 +19,10 @@ uninterrupted one):
   for forward samples, rarely, "no start frame" (start latent and image embedding zeroed): the
       recent-past-only mode the quality benchmark uses as its no-anti-drifting baseline.
 
-One model learns both schedules (samples are mixed per batch): their layouts differ (the inverted
-window sits before its clean context in RoPE time, the forward window after it), so the model can
-tell them apart, the two registry entries share one set of weights (half the package), and the data
-is used twice.
+One model learns both schedules (samples are mixed per batch, evenly unless `schedule_weights`
+says otherwise): their layouts differ (the inverted window sits before its clean context in RoPE
+time, the forward window after it), so the model can tell them apart, the two registry entries share
+one set of weights (half the package), and the data is used twice.
 
 Options: AdamW with gradient clipping, warmup + cosine (or constant) LR, EMA of the weights, bf16
 autocast, gradient checkpointing (the model's flag), LoRA (`LoRALinear` on the attention and MLP

@@ -328,6 +328,61 @@ def test_lora_trains_only_adapters_and_merges(mini, tmp_path):
     assert (changed - lora_out).abs().max() > 1e-3
 
 
+def test_grown_model_computes_the_same_then_trains_its_new_blocks(mini, tmp_path):
+    from framepack.app.cli import main
+    from framepack.models.transformer import FramePackTransformer
+    from framepack.weights import load_transformer, save_transformer
+
+    # where the copies go, by hand: 4 new among 6 -> after blocks 0, 2, 3, 5; 3 among 1 -> all after it
+    assert T._insert_after(6, 4) == [0, 2, 3, 5] and T._insert_after(1, 3) == [0, 0, 0]
+    assert T._insert_after(2, 1) == [1] and T._insert_after(6, 6) == [0, 1, 2, 3, 4, 5]
+    torch.manual_seed(0)
+    base = T.init_from_scratch(FramePackTransformer(tf.MINI_TRANSFORMER), seed=1)
+    with torch.no_grad():  # open every gate: a copied block must be silenced by growth, not by init
+        for p in base.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    save_transformer(base, tmp_path / "base")
+    cfg = _config(mini, tmp_path / "run", init=str(tmp_path / "base"), add_single_layers=3, add_double_layers=2,
+                  probe_samples=0, lr=1e-2, ema=0.0)  # fmt: skip
+    tr = T.SectionTrainer(cfg)
+    grown = tr.model
+    assert (grown.config.num_layers, grown.config.num_single_layers) == (3, 4)
+    batch = tr.draw(3, torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(grown(**batch.kwargs).sample, base(**batch.kwargs).sample, atol=1e-6, rtol=0)
+    d = grown.config.inner_dim
+    src = base.single_transformer_blocks[0].state_dict()
+    for block in grown.single_transformer_blocks[1:]:  # copies of block 0 with the gate rows zeroed
+        for k, v in block.state_dict().items():
+            if k.startswith("norm.linear."):
+                assert not v[2 * d : 3 * d].any() and torch.equal(v[: 2 * d], src[k][: 2 * d]), k
+            else:
+                assert torch.equal(v, src[k]), k
+    twin = grown.transformer_blocks[1]
+    for name in ("norm1", "norm1_context"):
+        w = twin.get_submodule(name).linear.weight
+        assert not w[2 * d : 3 * d].any() and not w[5 * d : 6 * d].any() and w[3 * d : 5 * d].any()
+    for _ in range(3):
+        tr.train_step()
+    gate = grown.single_transformer_blocks[3].norm.linear.weight[2 * d : 3 * d]
+    assert gate.abs().max() > 0  # training opens the new gates
+    with torch.no_grad():
+        assert (grown(**batch.kwargs).sample - base(**batch.kwargs).sample).abs().max() > 1e-4
+    # the export is an ordinary checkpoint: the loader reads the new depth from the keys
+    back = load_transformer(tr.export(tmp_path / "export", ema=False), dtype=torch.float32)
+    assert (back.config.num_layers, back.config.num_single_layers) == (3, 4)
+
+    # the CLI wires the flags through; growing needs a trained model to grow
+    argv = ["train", "transformer", "--data", str(mini["data"]), "--steps", "1", "--batch", "2", "--quiet",
+            "--probe-every", "1", "--add-single-layers", "1"]  # fmt: skip
+    assert main([*argv, "--out", str(tmp_path / "cli"), "--init", str(tmp_path / "base")]) == 0
+    assert load_transformer(tmp_path / "cli" / "transformer").config.num_single_layers == 2
+    with pytest.raises(ValueError, match="pass --init"):
+        T.SectionTrainer(_config(mini, tmp_path / "x", add_single_layers=1))
+    with pytest.raises(ValueError, match=">= 0"):
+        T.grow_depth(base, single=-1)
+
+
 # ------------------------------------------------------------------------------------ family + registry
 def test_vae_training_writes_a_calibrated_vae(mini):
     record, family = mini["vae_record"], mini["family"]

@@ -123,6 +123,16 @@ def _transformer_args(r: argparse.ArgumentParser) -> None:
     r.add_argument("--out", required=True, help="run folder: checkpoints/, loss.csv, transformer/")
     r.add_argument("--model", default=dflt["model"], help="architecture for training from scratch: toy or mini")
     r.add_argument("--init", help="start from a registry model (e.g. f1) or a transformer folder/.safetensors")
+    r.add_argument(
+        "--add-single-layers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="grow the --init model by N single-stream blocks (copies, gates closed: same output)",
+    )
+    r.add_argument(
+        "--add-double-layers", type=int, default=0, metavar="N", help="grow the --init model by N double-stream blocks"
+    )
     r.add_argument("--steps", type=int, default=dflt["steps"])
     r.add_argument("--batch", type=int, default=dflt["batch_size"])
     r.add_argument("--lr", type=float, default=dflt["lr"])
@@ -212,7 +222,9 @@ def _transformer(args: argparse.Namespace) -> int:
 
     _threads(args)
     cfg = TrainConfig(
-        data=args.data, out=args.out, model=args.model, init=args.init, steps=args.steps, batch_size=args.batch,
+        data=args.data, out=args.out, model=args.model, init=args.init,
+        add_single_layers=args.add_single_layers, add_double_layers=args.add_double_layers,
+        steps=args.steps, batch_size=args.batch,
         lr=args.lr, lr_schedule=args.lr_schedule, warmup=args.warmup, weight_decay=args.weight_decay,
         grad_clip=args.grad_clip, ema=args.ema, schedules=tuple(s for s in args.schedules.split(",") if s),
         schedule_weights=tuple(args.schedule_weights), sigma_sampling=args.sigma_sampling, guidance=args.guidance,

@@ -27,7 +27,8 @@ one set of weights (half the package), and the data is used twice.
 Options: AdamW with gradient clipping, warmup + cosine (or constant) LR, EMA of the weights, bf16
 autocast, gradient checkpointing (the model's flag), LoRA (`LoRALinear` on the attention and MLP
 projections of the blocks; merged into plain Linears for export in the official key layout), and
-checkpoints holding the model (or LoRA) state, optimizer, EMA and every RNG state.
+checkpoints holding the model (or LoRA) state, optimizer, EMA and every RNG state. A trained `init`
+model can be grown deeper first (`grow_depth`: copies of blocks with closed gates, same output).
 """
 
 from __future__ import annotations
@@ -252,6 +253,56 @@ def init_from_scratch(model: FramePackTransformer, seed: int) -> FramePackTransf
     return model
 
 
+def _insert_after(n: int, k: int) -> list[int]:
+    """Which of `n` blocks each of `k` new blocks follows: spread evenly, in order."""
+    return [(2 * i + 1) * n // (2 * k) for i in range(k)]
+
+
+def grow_depth(model: FramePackTransformer, single: int = 0, double: int = 0) -> FramePackTransformer:
+    """A deeper model that computes exactly what `model` computes (function-preserving growth).
+
+    Each new block is a copy of an existing block, inserted right after it, with its residual gates
+    zeroed (the single block's gate; the double block's attention and MLP gates of both streams),
+    so it starts as the identity: x + 0 * f(x). Training opens the gates first (their gradient is
+    f(x), not zero) and then adapts the copy. The copies are spread evenly over the stack. Used to
+    give a trained model more capacity without starting again (`--add-single-layers`)."""
+    if single < 0 or double < 0:
+        raise ValueError(f"layers to add must be >= 0, got single={single}, double={double}")
+    cfg = model.config
+    if (single and cfg.num_single_layers == 0) or (double and cfg.num_layers == 0):
+        raise ValueError("cannot grow a block stack that is empty: there is no block to copy")
+    bigger = FramePackTransformer(
+        dataclasses.replace(cfg, num_layers=cfg.num_layers + double, num_single_layers=cfg.num_single_layers + single),
+        model.attention,
+    )
+    d = cfg.inner_dim
+
+    def stack(old: nn.ModuleList, k: int, gates: dict[str, tuple[int, ...]]) -> nn.ModuleList:
+        after, out = _insert_after(len(old), k), []
+        for i, block in enumerate(old):
+            out.append(copy.deepcopy(block))
+            for _ in range(after.count(i)):
+                twin = copy.deepcopy(block)
+                with torch.no_grad():
+                    for name, chunks in gates.items():
+                        lin = twin.get_submodule(name).linear
+                        for c in chunks:
+                            lin.weight[c * d : (c + 1) * d].zero_()
+                            lin.bias[c * d : (c + 1) * d].zero_()
+                out.append(twin)
+        return nn.ModuleList(out)
+
+    keep = {k: v for k, v in model.state_dict().items()
+            if not k.startswith(("transformer_blocks.", "single_transformer_blocks."))}  # fmt: skip
+    bigger.transformer_blocks = stack(model.transformer_blocks, double, {"norm1": (2, 5), "norm1_context": (2, 5)})
+    bigger.single_transformer_blocks = stack(model.single_transformer_blocks, single, {"norm": (2,)})
+    missing, unexpected = bigger.load_state_dict(keep, strict=False)
+    missing = [k for k in missing if not k.startswith(("transformer_blocks.", "single_transformer_blocks."))]
+    if missing or unexpected:  # the same config apart from depth: cannot happen unless the model is altered
+        raise RuntimeError(f"growth lost weights: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return bigger.to(next(model.parameters()).dtype).train(model.training)
+
+
 def build_model(cfg: TrainConfig) -> FramePackTransformer:
     """From `cfg.init` (a registry model name or a transformer folder/file), else a fresh `cfg.model`."""
     from framepack.weights import load_transformer
@@ -263,11 +314,16 @@ def build_model(cfg: TrainConfig) -> FramePackTransformer:
         if source in REGISTRY:
             source = resolve_spec(REGISTRY[source])["transformer"]
         model = load_transformer(source, dtype=torch.float32)
+        if cfg.add_single_layers or cfg.add_double_layers:
+            model = grow_depth(model, cfg.add_single_layers, cfg.add_double_layers)
         return model.train().requires_grad_(True)
     from framepack.train.toyfamily import FAMILIES
 
     if cfg.model not in FAMILIES:
         raise ValueError(f"unknown model config {cfg.model!r}; choose one of {sorted(FAMILIES)} or pass --init")
+    if cfg.add_single_layers or cfg.add_double_layers:
+        raise ValueError("adding layers grows a trained model: pass --init with the model to grow "
+                         "(for a deeper model from scratch, choose a larger --model)")  # fmt: skip
     return init_from_scratch(FramePackTransformer(FAMILIES[cfg.model][1]), cfg.seed).train()
 
 
@@ -278,6 +334,8 @@ class TrainConfig:
     out: str  # run folder: checkpoints/, loss.csv, transformer/ (the export)
     model: str = "toy"  # from-scratch architecture (toyfamily.FAMILIES), unless `init` is given
     init: str | None = None  # start from: a registry model name or a transformer folder / .safetensors
+    add_single_layers: int = 0  # grow `init` by this many single-stream blocks (grow_depth)
+    add_double_layers: int = 0  # ... and double-stream blocks
     steps: int = 15000
     batch_size: int = 8
     lr: float = 4e-4

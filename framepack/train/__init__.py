@@ -17,7 +17,8 @@ Importing this package is cheap; the modules load torch and friends when importe
 # VAE run continues (its own checkpoint, to 2000 steps), which rewrites the family's VAE: the data is
 # encoded again into a new folder and a third run continues from the second run's weights on it; a
 # fourth continues from the third on the same data, and a fifth from the fourth with 75% of its samples
-# on the inverted (original) schedule.
+# on the inverted (original) schedule; the sixth grows the fifth's weights by 4 single- and 1
+# double-stream blocks (closed gates: same output at first) and trains the deeper model the same way.
 TRAINING_COMMANDS = (
     "framepack train family --out runs/toy/family",
     "framepack train vae --family runs/toy/family --out runs/toy/vae --steps 500 --seed 0",
@@ -34,5 +35,8 @@ TRAINING_COMMANDS = (
     " --init runs/toy/transformer3/transformer --steps 12000 --lr 3e-4 --warmup 200 --seed 3",
     "framepack train transformer --data runs/toy/data2 --out runs/toy/transformer5"
     " --init runs/toy/transformer4/transformer --steps 14000 --lr 3e-4 --warmup 200 --seed 4 --schedule-weights 3,1",
-    "framepack train package --family runs/toy/family --transformer runs/toy/transformer5/transformer",
+    "framepack train transformer --data runs/toy/data2 --out runs/toy/transformer6"
+    " --init runs/toy/transformer5/transformer --add-single-layers 4 --add-double-layers 1"
+    " --steps 10000 --lr 3e-4 --warmup 200 --seed 5 --schedule-weights 3,1",
+    "framepack train package --family runs/toy/family --transformer runs/toy/transformer6/transformer",
 )

@@ -379,6 +379,8 @@ def test_grown_model_computes_the_same_then_trains_its_new_blocks(mini, tmp_path
     assert load_transformer(tmp_path / "cli" / "transformer").config.num_single_layers == 2
     with pytest.raises(ValueError, match="pass --init"):
         T.SectionTrainer(_config(mini, tmp_path / "x", add_single_layers=1))
+    with pytest.raises(ValueError, match="drop --lora-rank"):
+        T.SectionTrainer(dataclasses.replace(cfg, lora_rank=4))
     with pytest.raises(ValueError, match=">= 0"):
         T.grow_depth(base, single=-1)
 

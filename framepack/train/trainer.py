@@ -315,6 +315,9 @@ def build_model(cfg: TrainConfig) -> FramePackTransformer:
             source = resolve_spec(REGISTRY[source])["transformer"]
         model = load_transformer(source, dtype=torch.float32)
         if cfg.add_single_layers or cfg.add_double_layers:
+            if cfg.lora_rank > 0:  # LoRA freezes the modulations, so the new blocks' gates would stay shut
+                raise ValueError("adding layers needs full training: with --lora-rank the new blocks' gates "
+                                 "(not LoRA targets) stay closed; drop --lora-rank")  # fmt: skip
             model = grow_depth(model, cfg.add_single_layers, cfg.add_double_layers)
         return model.train().requires_grad_(True)
     from framepack.train.toyfamily import FAMILIES

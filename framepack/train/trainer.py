@@ -271,16 +271,12 @@ def grow_depth(model: FramePackTransformer, single: int = 0, double: int = 0) ->
     cfg = model.config
     if (single and cfg.num_single_layers == 0) or (double and cfg.num_layers == 0):
         raise ValueError("cannot grow a block stack that is empty: there is no block to copy")
-    bigger = FramePackTransformer(
-        dataclasses.replace(cfg, num_layers=cfg.num_layers + double, num_single_layers=cfg.num_single_layers + single),
-        model.attention,
-    )
     d = cfg.inner_dim
 
-    def stack(old: nn.ModuleList, k: int, gates: dict[str, tuple[int, ...]]) -> nn.ModuleList:
-        after, out = _insert_after(len(old), k), []
-        for i, block in enumerate(old):
-            out.append(copy.deepcopy(block))
+    def stack(blocks: nn.ModuleList, k: int, gates: dict[str, tuple[int, ...]]) -> nn.ModuleList:
+        after, out = _insert_after(len(blocks), k), []
+        for i, block in enumerate(blocks):
+            out.append(block)
             for _ in range(after.count(i)):
                 twin = copy.deepcopy(block)
                 with torch.no_grad():
@@ -292,15 +288,14 @@ def grow_depth(model: FramePackTransformer, single: int = 0, double: int = 0) ->
                 out.append(twin)
         return nn.ModuleList(out)
 
-    keep = {k: v for k, v in model.state_dict().items()
-            if not k.startswith(("transformer_blocks.", "single_transformer_blocks."))}  # fmt: skip
-    bigger.transformer_blocks = stack(model.transformer_blocks, double, {"norm1": (2, 5), "norm1_context": (2, 5)})
-    bigger.single_transformer_blocks = stack(model.single_transformer_blocks, single, {"norm": (2,)})
-    missing, unexpected = bigger.load_state_dict(keep, strict=False)
-    missing = [k for k in missing if not k.startswith(("transformer_blocks.", "single_transformer_blocks."))]
-    if missing or unexpected:  # the same config apart from depth: cannot happen unless the model is altered
-        raise RuntimeError(f"growth lost weights: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    return bigger.to(next(model.parameters()).dtype).train(model.training)
+    bigger = copy.deepcopy(model)  # everything but the two block stacks carries over as it is
+    bigger.clear_section_cache()
+    bigger.config = dataclasses.replace(
+        cfg, num_layers=cfg.num_layers + double, num_single_layers=cfg.num_single_layers + single
+    )
+    bigger.transformer_blocks = stack(bigger.transformer_blocks, double, {"norm1": (2, 5), "norm1_context": (2, 5)})
+    bigger.single_transformer_blocks = stack(bigger.single_transformer_blocks, single, {"norm": (2,)})
+    return bigger
 
 
 def build_model(cfg: TrainConfig) -> FramePackTransformer:

@@ -233,10 +233,10 @@ def main() -> None:
         args.scenes, args.drift_scenes, args.lengths = 4, 1, [6, 12]
     import torch
 
-    from framepack.registry import get_spec, resolve_spec
+    from framepack.registry import packaged_dir
     from framepack.train import toyfamily
 
-    toy_root = resolve_spec(get_spec("toy"))["transformer"].parent  # a clear message if it is not packaged
+    toy_root = packaged_dir("toy")  # a clear message if it is not packaged
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     run = Runner(args.steps, args.cfg)
     print(f"# {args.steps} steps per section, real CFG {args.cfg:g}, distilled guidance 10, no TeaCache")

@@ -145,6 +145,18 @@ def _packaged_root(spec: ModelSpec) -> Path:
     return root
 
 
+def packaged_dir(name: str = "toy") -> Path:
+    """The folder holding a model trained in this project (`toy`, `toy-f1`: one folder), with a clear
+    CheckpointError naming the training commands if it has not been packaged."""
+    spec = get_spec(name)
+    if not spec.extras.get("package_dir"):
+        raise ValueError(
+            f"model {name!r} is not trained in this project; packaged models: "
+            + ", ".join(n for n, s in REGISTRY.items() if s.extras.get("package_dir"))
+        )
+    return _packaged_root(spec)
+
+
 def resolve_spec(
     spec: ModelSpec, *, models_root: str | os.PathLike | None = None, download: bool = True
 ) -> dict[str, Path]:

@@ -110,10 +110,10 @@ def test_vae_round_trip_converts_frames_and_the_shipped_vae_keeps_slow_objects()
     with pytest.raises(ValueError, match="4k\\+1 frames"):
         Q.vae_round_trip(Identity(), clip.frames[:-1])
 
-    from framepack.registry import get_spec, resolve_spec
+    from framepack.registry import packaged_dir
     from framepack.train import toyfamily
 
-    vae = toyfamily.load_vae(resolve_spec(get_spec("toy"))["transformer"].parent).float().eval()
+    vae = toyfamily.load_vae(packaged_dir("toy")).float().eval()
     slow = next(c for c in Q.held_out_scenes(12, 1) if "slowly" in c.caption and c.scene.objects[0].size > 6)
     rt = Q.vae_round_trip(vae, slow.frames)
     assert rt.shape == slow.frames.shape and rt.dtype == np.uint8

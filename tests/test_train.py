@@ -397,13 +397,17 @@ def test_vae_training_writes_a_calibrated_vae(mini):
 
 
 def test_missing_toy_model_names_the_training_commands(tmp_path, monkeypatch):
-    from framepack.registry import get_spec, resolve_spec
+    from framepack.registry import get_spec, packaged_dir, resolve_spec
     from framepack.weights import CheckpointError
 
     monkeypatch.setenv("FRAMEPACK_TOY_DIR", str(tmp_path / "nothing"))
     with pytest.raises(CheckpointError) as err:
         resolve_spec(get_spec("toy-f1"))
     assert all(c in str(err.value) for c in TRAINING_COMMANDS)
+    with pytest.raises(CheckpointError, match="trained in this project"):
+        packaged_dir("toy")
+    with pytest.raises(ValueError, match="not trained in this project; packaged models: toy, toy-f1"):
+        packaged_dir("tiny")
 
 
 def test_package_loads_through_the_registry_and_generates(mini, tmp_path, monkeypatch):
@@ -473,11 +477,11 @@ def test_shipped_toy_model_is_small_and_generates(tmp_path, monkeypatch):
     benchmarks/RESULTS.md.)"""
     from framepack.config import GenerationRequest
     from framepack.pipeline import load_pipeline
-    from framepack.registry import get_spec, resolve_spec
+    from framepack.registry import packaged_dir
     from framepack.video import read_frames
 
     monkeypatch.delenv("FRAMEPACK_TOY_DIR", raising=False)
-    root = resolve_spec(get_spec("toy"))["transformer"].parent
+    root = packaged_dir("toy")
     assert tf.folder_bytes(root) <= 25 * 2**20
     manifest = tf.read_manifest(root)
     assert manifest["vae"]["trained"] and manifest["transformer"]["training"]["step"] > 0

@@ -18,7 +18,8 @@ Importing this package is cheap; the modules load torch and friends when importe
 # encoded again into a new folder and a third run continues from the second run's weights on it; a
 # fourth continues from the third on the same data, and a fifth from the fourth with 75% of its samples
 # on the inverted (original) schedule; the sixth grows the fifth's weights by 4 single- and 1
-# double-stream blocks (closed gates: same output at first) and trains the deeper model the same way.
+# double-stream blocks (closed gates: same output at first) and trains the deeper model the same way,
+# and the seventh grows the sixth's by 4 more single-stream blocks and trains it again.
 TRAINING_COMMANDS = (
     "framepack train family --out runs/toy/family",
     "framepack train vae --family runs/toy/family --out runs/toy/vae --steps 500 --seed 0",
@@ -38,5 +39,8 @@ TRAINING_COMMANDS = (
     "framepack train transformer --data runs/toy/data2 --out runs/toy/transformer6"
     " --init runs/toy/transformer5/transformer --add-single-layers 4 --add-double-layers 1"
     " --steps 10000 --lr 3e-4 --warmup 200 --seed 5 --schedule-weights 3,1",
-    "framepack train package --family runs/toy/family --transformer runs/toy/transformer6/transformer",
+    "framepack train transformer --data runs/toy/data2 --out runs/toy/transformer7"
+    " --init runs/toy/transformer6/transformer --add-single-layers 4"
+    " --steps 8000 --lr 3e-4 --warmup 200 --seed 6 --schedule-weights 3,1",
+    "framepack train package --family runs/toy/family --transformer runs/toy/transformer7/transformer",
 )

@@ -161,8 +161,8 @@ def _jobs(img: dict[str, str], video: str) -> list[tuple[str, str, dict]]:
     three = 3 * 1.2
     base = {"image": img["start"], "prompt": "a red box moves right", "steps": 3, "seconds": three}
     return [
-        ("readme-main", "toy", {"image": str(ROOT / "examples" / "toy_start.png"), "prompt": "the red circle moves right",
-                                "cfg": 3.0, "seconds": 5.0}),
+        ("readme-main", "toy", {"image": str(ROOT / "examples" / "toy_start.png"), "cfg": 3.0, "seconds": 5.0,
+                                "prompt": "the red circle moves right"}),
         ("tiny-3", "tiny", base),
         ("tiny-f1-3", "tiny-f1", base),
         ("tiny-no-teacache", "tiny", {**base, "teacache": False}),

@@ -18,7 +18,9 @@ Three measurements (see issue 7 and README "Training and the toy model"):
 
     python benchmarks/toy_quality.py [--scenes 24] [--drift-scenes 4] [--steps 25] [--cfg 3] [--quick]
 
-Uses the packaged `toy` / `toy-f1` models (framepack/toy, or $FRAMEPACK_TOY_DIR).
+Uses the packaged `toy` / `toy-f1` models (framepack/toy, or $FRAMEPACK_TOY_DIR). The measurements
+themselves are framepack.train.quality's (tested in tests/test_toy_quality.py); this script runs the
+models and prints the tables.
 """
 
 from __future__ import annotations
@@ -37,29 +39,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-HELD_OUT = 7_777  # first element of every held-out scene seed; training clips use (data seed, i) with seed 0
-SECTION_FRAMES = 36  # window 9
+from framepack.train.quality import SECTION_FRAMES, appearance, held_out_scenes, motion_metrics, vae_round_trip
+
 VAE_ROW = "truth through the VAE (bound)"
 TOY_CFG = 3.0  # real CFG: the toy model was trained with 10% caption dropout and reads the caption better with it
-
-
-def held_out_scenes(count: int, sections: int, *, first: int = 0, plain_size: bool = False) -> list:
-    """Single-object moving scenes from seeds (HELD_OUT, i), skipping the first `first` of them;
-    `plain_size` also excludes growing shapes."""
-    from framepack.train import toyworld
-
-    out, i, skipped = [], 0, 0
-    while len(out) < count:
-        clip = toyworld.make_clip((HELD_OUT, i), sections, max_objects=1)
-        o = clip.scene.objects[0]
-        i += 1
-        if o.direction is None or (plain_size and o.growth):
-            continue
-        if skipped < first:
-            skipped += 1
-            continue
-        out.append(clip)
-    return out
 
 
 @dataclass
@@ -130,76 +113,6 @@ class Runner:
             if hook is not None:
                 hook.remove()
         return Generated(read_frames(result.video), times, peaks)
-
-
-def vae_round_trip(vae, frames: np.ndarray, seed: int = 0) -> np.ndarray:
-    """(T, H, W, 3) uint8, T = 4k+1 -> the same clip encoded and decoded by `vae` in one pass.
-
-    The conversions are the pipeline's own (a seeded posterior sample, decode, clamp and truncate to
-    uint8), so the only difference from a generated video is where the latents came from.
-    """
-    import torch
-
-    from framepack import vae as vae_io
-    from framepack.video import to_uint8_frames
-
-    if (len(frames) - 1) % 4:
-        raise ValueError(f"the VAE round trip needs 4k+1 frames, got {len(frames)}")
-    latents = vae_io.encode_frames(vae, frames, torch.Generator().manual_seed(seed))
-    return to_uint8_frames(vae_io.decode(vae, latents))
-
-
-# ------------------------------------------------------------------------------------ measurements
-def motion_metrics(gen: np.ndarray, clip) -> dict:
-    from framepack.train import toyworld
-
-    o, truth = clip.scene.objects[0], clip.truth
-    n = min(len(gen), truth.frames)
-    cent, _ = toyworld.track(gen[:n], o.rgb)
-    true = truth.centers[:n, 0]
-    err = np.linalg.norm(cent - true, axis=1)
-    lost = np.isnan(err)
-    # early motion: frames 0..k, up to the first bounce (or the first section); judged when k >= 6.
-    # The direction is read between the first and the last frame of that window in which the object
-    # is found (a frame lost at either end does not make a correct motion wrong); an object found in
-    # fewer than 6 frames' span of the window shows no direction, which counts as wrong.
-    bounce = np.flatnonzero(truth.bounced[:n, 0])
-    k = min(int(bounce[0]) - 1 if len(bounce) else n - 1, SECTION_FRAMES)
-    ok = None
-    if k >= 6:
-        found = np.flatnonzero(~lost[: k + 1])
-        ok = False
-        if len(found) and found[-1] - found[0] >= 6:
-            d = cent[found[-1]] - cent[found[0]]
-            v = np.array([o.vx, o.vy])
-            cos = float(d @ v / (np.linalg.norm(d) * np.linalg.norm(v) + 1e-9))
-            ok = cos > math.cos(math.radians(45))
-    return {"error": float(np.nanmean(err)) if (~lost).any() else float("nan"), "lost": float(lost.mean()),
-            "direction_ok": ok}  # fmt: skip
-
-
-def appearance(frames: np.ndarray, scene) -> dict:
-    """Mean over `frames` of: object colour error, relative size error, background colour error (RGB units)."""
-    from framepack.train import toyworld
-
-    o = scene.objects[0]
-    bg = toyworld.background_image(scene)  # (H, W, 3) float
-    area = float(toyworld.coverage(o.shape, o.x, o.y, o.size, o.angle, scene.size).sum())
-    col, size, back = [], [], []
-    for f in frames.astype(np.float32):
-        dist = np.sqrt(((f - bg) ** 2).sum(-1))
-        mask = dist > 60.0
-        grown = mask.copy()
-        for dy in (-2, -1, 0, 1, 2):
-            for dx in (-2, -1, 0, 1, 2):
-                grown |= np.roll(np.roll(mask, dy, 0), dx, 1)
-        if mask.sum() >= 3:
-            col.append(float(np.linalg.norm(np.median(f[mask], axis=0) - np.array(o.rgb, np.float32))))
-        else:
-            col.append(float(np.linalg.norm(bg.mean((0, 1)) - np.array(o.rgb, np.float32))))  # object gone
-        size.append(abs(math.sqrt(mask.sum()) - math.sqrt(area)) / math.sqrt(area))
-        back.append(float(np.abs(f[~grown] - bg[~grown]).mean()) if (~grown).any() else float("nan"))
-    return {"color": float(np.mean(col)), "size": float(np.mean(size)), "background": float(np.nanmean(back))}
 
 
 def _mean(xs) -> float:

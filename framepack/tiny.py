@@ -9,8 +9,10 @@ as the real repos, so it is loaded through exactly the code that loads the real 
     framepack-tiny/image/           feature_extractor (SigLIP processor), image_encoder (SigLIP)
                                                                                   (like flux_redux_bfl)
 
-Tokenizers are word-level, built offline with the `tokenizers` library. The weights are random: the
-videos are noise, which is enough to exercise the whole pipeline on a CPU in seconds.
+Tokenizers are word-level, built offline with the `tokenizers` library (`word_tokenizer`,
+`write_prompt_tokenizers`: public, for other families built the same way over their own words). The
+weights are random: the videos are noise, which is enough to exercise the whole pipeline on a CPU in
+seconds.
 """
 
 from __future__ import annotations
@@ -20,15 +22,20 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from framepack.config import TINY
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
+
 VERSION = "tiny-v1"
 SEED = 20250503
 LLAMA_SPECIALS = ["<unk>", "<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>", "<pad>"]
 CLIP_SPECIALS = ["<|startoftext|>", "<|endoftext|>", "<unk>"]
+PUNCTUATION = list(".,:!?;'\"-0123456789")  # single characters with tokens of their own, after the words
 # Words of the HunyuanVideo prompt template plus a small everyday vocabulary; others map to <unk>.
 WORDS = """
 system user describe the video by detailing following aspects main content and theme of color shape size
@@ -68,29 +75,47 @@ def ensure_tiny(root: Path | None = None) -> Path:
     return root
 
 
-def _word_tokenizer(specials: list[str], bos: str, eos: str, pad: str, pair_end: bool):
+def word_tokenizer(words: list[str], specials: list[str], bos: str, eos: str, pad: str,
+                   *, close: bool) -> PreTrainedTokenizerFast:  # fmt: skip
+    """A lower-casing word-level fast tokenizer: whitespace + punctuation split, unknown words -> <unk>.
+
+    Ids follow the order of `specials`, then `words` (those not already specials), then the
+    `PUNCTUATION` marks not already among the words. `close` appends `eos` after the text (CLIP's
+    layout); LLaMA's template brings its own end tokens.
+    """
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {t: i for i, t in enumerate(specials + sorted(set(WORDS)) + list(".,:!?;'\"-0123456789"))}
+    tokens = specials + [w for w in words if w not in specials] + [p for p in PUNCTUATION if p not in words]
+    vocab = {t: i for i, t in enumerate(tokens)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     tok.add_special_tokens(specials)
-    single = f"{bos} $A" + (f" {eos}" if pair_end else "")
-    marks = [(bos, vocab[bos])] + ([(eos, vocab[eos])] if pair_end else [])
-    tok.post_processor = processors.TemplateProcessing(single=single, special_tokens=marks)
-    unk = "<unk>"
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad, unk_token=unk)
+    template = f"{bos} $A" + (f" {eos}" if close else "")
+    marks = [(bos, vocab[bos])] + ([(eos, vocab[eos])] if close else [])
+    tok.post_processor = processors.TemplateProcessing(single=template, special_tokens=marks)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad, unk_token="<unk>")
 
 
-def _save_tokenizer(tok, path: Path, max_length: int) -> None:
+def save_tokenizer(tok: PreTrainedTokenizerFast, path: Path, max_length: int) -> None:
     tok.model_max_length = max_length
     tok.save_pretrained(path)
     cfg_path = path / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text())
-    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"  # readable by transformers 4.x and 5.x alike
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"  # the generic class: readable by transformers 4.x and 5.x
     cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def write_prompt_tokenizers(words: list[str], llama_path: Path,
+                            clip_path: Path) -> tuple[PreTrainedTokenizerFast, PreTrainedTokenizerFast]:  # fmt: skip
+    """The LLaMA-style (`tokenizer`) and CLIP-style (`tokenizer_2`) word tokenizers over `words`,
+    saved to the two folders; returns them (llama, clip)."""
+    llama = word_tokenizer(words, LLAMA_SPECIALS, "<|begin_of_text|>", "<|eot_id|>", "<pad>", close=False)
+    save_tokenizer(llama, llama_path, 2048)
+    clip = word_tokenizer(words, CLIP_SPECIALS, "<|startoftext|>", "<|endoftext|>", "<|endoftext|>", close=True)
+    save_tokenizer(clip, clip_path, 77)
+    return llama, clip
 
 
 def build_tiny(root: Path, seed: int = SEED) -> None:
@@ -117,10 +142,7 @@ def build_tiny(root: Path, seed: int = SEED) -> None:
 
     enc, img = root / "framepack-tiny" / "encoders", root / "framepack-tiny" / "image"
 
-    llama_tok = _word_tokenizer(LLAMA_SPECIALS, "<|begin_of_text|>", "<|eot_id|>", "<pad>", pair_end=False)
-    _save_tokenizer(llama_tok, enc / "tokenizer", 2048)
-    clip_tok = _word_tokenizer(CLIP_SPECIALS, "<|startoftext|>", "<|endoftext|>", "<|endoftext|>", pair_end=True)
-    _save_tokenizer(clip_tok, enc / "tokenizer_2", 77)
+    llama_tok, clip_tok = write_prompt_tokenizers(sorted(set(WORDS)), enc / "tokenizer", enc / "tokenizer_2")
 
     torch.manual_seed(seed)
     llama = LlamaModel(

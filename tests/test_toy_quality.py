@@ -1,19 +1,15 @@
-"""The toy-quality benchmark's measurements, checked on videos whose answer is known (the ground truth
-itself, a shifted copy, a copy without the object), so its numbers mean what its table says."""
+"""The toy-quality benchmark's measurements (framepack.train.quality), checked on videos whose answer is
+known (the ground truth itself, a shifted copy, a copy without the object), so its numbers mean what
+its table says."""
 
 from __future__ import annotations
 
 import dataclasses
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-import toy_quality as Q
-
+from framepack.train import quality as Q
 from framepack.train import toyworld
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from framepack.train import TRAINING_COMMANDS, toyworld
 from framepack.train import data as D
 from framepack.train import toyfamily as tf
 from framepack.train import trainer as T
+from framepack.train.lr import warmup_cosine
 
 SIZE = 32  # toy frames for the tests: 4 x 4 latents
 
@@ -250,6 +252,43 @@ def test_sigmas_follow_the_inference_shift():
 
 
 # ------------------------------------------------------------------------------------ training
+def _section_lr_before(step: int, steps: int, lr: float, warmup: int, schedule: str, ratio: float) -> float:
+    """SectionTrainer.lr_at as it was written before the schedule moved to framepack.train.lr."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if schedule == "constant":
+        return lr
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return lr * (ratio + (1 - ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _vae_lr_before(step: int, total: int, base: float, warmup: int) -> float:
+    """toyfamily's VAE schedule as it was written before (its floor a literal 0.1)."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def test_one_lr_schedule_gives_both_trainers_their_old_floats(mini, tmp_path):
+    tr = T.SectionTrainer(_config(mini, tmp_path, probe_samples=0))
+    runs = [(2000, 1e-5, 100), (500, 3e-4, 0), (10, 2e-3, 10), (12000, 3e-4, 200), (7, 1e-2, 3), (1, 1.0, 0)]
+    for total, base, warmup in runs:
+        steps = [*range(min(total + 3, 250)), total // 3, total // 2, total - 1, total, total + 100]
+        for step in steps:
+            assert warmup_cosine(step, total, base, warmup) == _vae_lr_before(step, total, base, warmup)
+            for schedule in ("cosine", "constant"):
+                for ratio in (0.1, 0.0, 0.25):
+                    tr.cfg = dataclasses.replace(tr.cfg, steps=total, lr=base, warmup=warmup, lr_schedule=schedule,
+                                                 min_lr_ratio=ratio)  # fmt: skip
+                    assert tr.lr_at(step) == _section_lr_before(step, total, base, warmup, schedule, ratio)
+    # by hand: the first step already moves, warmup ends at the base LR, the cosine ends at the floor
+    assert warmup_cosine(0, 100, 1.0, 10) == 0.1 and warmup_cosine(9, 100, 1.0, 10) == 1.0
+    assert warmup_cosine(10, 100, 1.0, 10) == 1.0 and warmup_cosine(55, 100, 1.0, 10) == pytest.approx(0.55)
+    assert warmup_cosine(100, 100, 1.0, 10) == 0.1 and warmup_cosine(500, 100, 1.0, 10) == 0.1  # held after
+    assert warmup_cosine(50, 100, 2.0, 10, constant=True) == 2.0
+
+
 def test_loss_drops_well_below_its_start(mini, tmp_path):
     torch.manual_seed(0)
     tr = T.SectionTrainer(_config(mini, tmp_path, steps=500, probe_every=500, lr_schedule="constant"))
@@ -394,6 +433,35 @@ def test_vae_training_writes_a_calibrated_vae(mini):
     cfg = json.loads((tf.family_paths(family)["vae"] / "config.json").read_text())
     assert cfg["_class_name"] == "AutoencoderKLHunyuanVideo" and cfg["latent_channels"] == 16
     assert list(cfg["block_out_channels"]) == list(tf.MINI_FAMILY.vae_channels)
+
+
+def test_one_tokenizer_builder_gives_each_family_its_vocabulary(tmp_path):
+    """framepack.tiny builds the word tokenizers of both families: the toy family's are the shipped ones
+    (same ids, same saved settings), the tiny family's keep their order (specials, sorted words, marks)."""
+    from transformers import AutoTokenizer
+
+    from framepack import tiny
+    from framepack.registry import packaged_dir
+
+    prompts = ["A red circle moves slowly to the left.", "the dog JUMPS over 3 walls; quickly!", "zzz, \"x\" - 42", ""]
+    toy, small = tmp_path / "toy", tmp_path / "tiny"
+    built = tiny.write_prompt_tokenizers(tf.vocabulary(), toy / "tokenizer", toy / "tokenizer_2")
+    for name, tok in zip(("tokenizer", "tokenizer_2"), built):
+        shipped = AutoTokenizer.from_pretrained(packaged_dir("toy") / "encoders" / name)
+        again = AutoTokenizer.from_pretrained(toy / name)
+        assert tok.get_vocab() == shipped.get_vocab() == again.get_vocab(), name
+        for t in (tok, again):
+            assert [t(x)["input_ids"] for x in prompts] == [shipped(x)["input_ids"] for x in prompts], name
+            for attr in ("bos_token", "eos_token", "pad_token", "unk_token", "model_max_length"):
+                assert getattr(t, attr) == getattr(shipped, attr), (name, attr)
+    words = sorted(set(tiny.WORDS))
+    llama, clip = tiny.write_prompt_tokenizers(words, small / "tokenizer", small / "tokenizer_2")
+    for tok, specials in ((llama, tiny.LLAMA_SPECIALS), (clip, tiny.CLIP_SPECIALS)):
+        vocab = tok.get_vocab()
+        assert sorted(vocab, key=vocab.get) == specials + words + list(".,:!?;'\"-0123456789")
+    ids = clip("a red ball.")["input_ids"]
+    assert ids[0] == clip.bos_token_id and ids[-1] == clip.eos_token_id and len(ids) == 6
+    assert llama("a red ball.")["input_ids"][0] == llama.bos_token_id and len(llama("a red ball.")["input_ids"]) == 5
 
 
 def test_missing_toy_model_names_the_training_commands(tmp_path, monkeypatch):

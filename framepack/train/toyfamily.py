@@ -41,14 +41,13 @@ import torch
 import torch.nn.functional as F
 
 from framepack.config import FRAMEPACK_HY, TransformerConfig
+from framepack.tiny import WORDS, write_prompt_tokenizers
 from framepack.train import toyworld
 from framepack.train.checkpoints import CsvLog, checkpoint_path, latest, load_state, prune, save_state
+from framepack.train.lr import warmup_cosine
 
 VERSION = "toy-v1"
 FAMILY_SEED = 20251121
-LLAMA_SPECIALS = ["<unk>", "<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>", "<pad>"]
-CLIP_SPECIALS = ["<|startoftext|>", "<|endoftext|>", "<unk>"]
-PUNCTUATION = list(".,:!?;'\"-0123456789")
 
 
 @dataclass(frozen=True)
@@ -127,8 +126,6 @@ FAMILIES = {"toy": (TOY_FAMILY, TOY_TRANSFORMER), "mini": (MINI_FAMILY, MINI_TRA
 
 def vocabulary() -> list[str]:
     """The tokenizers' words: the prompt template's and everyday words of the tiny family + the toy grammar."""
-    from framepack.tiny import WORDS
-
     return sorted(set(WORDS) | set(toyworld.VOCAB))
 
 
@@ -158,36 +155,6 @@ def write_manifest(root: str | os.PathLike, manifest: dict) -> None:
     tmp = p.with_name(p.name + ".partial")
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(tmp, p)
-
-
-# ------------------------------------------------------------------------------------ tokenizers
-def word_tokenizer(words: list[str], specials: list[str], bos: str, eos: str, pad: str, *, close: bool):
-    """A lower-casing word-level fast tokenizer: whitespace + punctuation split, unknown words -> <unk>.
-
-    `close` appends `eos` after the text (CLIP's layout); LLaMA's template brings its own end tokens.
-    """
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    tokens = specials + [w for w in words if w not in specials] + [p for p in PUNCTUATION if p not in words]
-    vocab = {t: i for i, t in enumerate(tokens)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tok.add_special_tokens(specials)
-    template = f"{bos} $A" + (f" {eos}" if close else "")
-    marks = [(bos, vocab[bos])] + ([(eos, vocab[eos])] if close else [])
-    tok.post_processor = processors.TemplateProcessing(single=template, special_tokens=marks)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad, unk_token="<unk>")
-
-
-def _save_tokenizer(tok, path: Path, max_length: int) -> None:
-    tok.model_max_length = max_length
-    tok.save_pretrained(path)
-    cfg_path = path / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"  # the generic class: readable by transformers 4.x and 5.x
-    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
 # ------------------------------------------------------------------------------------ the family
@@ -314,11 +281,8 @@ def build_family(root: str | os.PathLike, cfg: FamilyConfig = TOY_FAMILY, seed: 
     _quiet()
     root = Path(root)
     paths = family_paths(root)
-    words = vocabulary()
-    llama_tok = word_tokenizer(words, LLAMA_SPECIALS, "<|begin_of_text|>", "<|eot_id|>", "<pad>", close=False)
-    _save_tokenizer(llama_tok, paths["tokenizer"], 2048)
-    clip_tok = word_tokenizer(words, CLIP_SPECIALS, "<|startoftext|>", "<|endoftext|>", "<|endoftext|>", close=True)
-    _save_tokenizer(clip_tok, paths["tokenizer_2"], 77)
+    # the tiny family's word tokenizers (framepack.tiny) over the larger toy vocabulary
+    llama_tok, clip_tok = write_prompt_tokenizers(vocabulary(), paths["tokenizer"], paths["tokenizer_2"])
 
     torch.manual_seed(seed)
     llama = LlamaModel(
@@ -445,13 +409,6 @@ def vae_loss(vae, x: torch.Tensor, cfg: VAETrainConfig, mode: str, generator: to
     return {"loss": l1 + mse + cfg.kl_weight * kl, "l1": l1, "mse": mse, "kl": kl}
 
 
-def _lr_at(step: int, total: int, base: float, warmup: int) -> float:
-    if step < warmup:
-        return base * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
 @torch.no_grad()
 def calibrate_scaling(vae, cfg: VAETrainConfig, clips: int) -> dict:
     """1 / std of the posterior means over `clips` fresh toy clips (HunyuanVideo has no shift factor)."""
@@ -495,7 +452,7 @@ def train_vae(root: str | os.PathLike, out: str | os.PathLike, cfg: VAETrainConf
     t0, window = time.perf_counter() - elapsed, []
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress, unit="step", desc="vae", dynamic_ncols=True)
     while step < cfg.steps:
-        lr = _lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
+        lr = warmup_cosine(step, cfg.steps, cfg.lr, cfg.warmup)  # cosine down to 0.1 lr
         for g in opt.param_groups:
             g["lr"] = lr
         x = _toy_batch(cfg, step)

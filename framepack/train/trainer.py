@@ -25,10 +25,11 @@ time, the forward window after it), so the model can tell them apart, the two re
 one set of weights (half the package), and the data is used twice.
 
 Options: AdamW with gradient clipping, warmup + cosine (or constant) LR, EMA of the weights, bf16
-autocast, gradient checkpointing (the model's flag), LoRA (`LoRALinear` on the attention and MLP
-projections of the blocks; merged into plain Linears for export in the official key layout), and
-checkpoints holding the model (or LoRA) state, optimizer, EMA and every RNG state. A trained `init`
-model can be grown deeper first (`grow_depth`: copies of blocks with closed gates, same output).
+autocast, gradient checkpointing (the model's flag), LoRA (`framepack.models.lora`: adapters on the
+attention and MLP projections of the blocks, merged into plain Linears for export in the official key
+layout), and checkpoints holding the model (or LoRA) state, optimizer, EMA and every RNG state. A
+trained `init` model can be grown deeper first (`grow_depth`: copies of blocks with closed gates, same
+output).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from framepack.models.lora import apply_lora, lora_state_dict, merge_lora
 from framepack.models.transformer import FramePackTransformer
 from framepack.sampling import flow_shift_mu
 from framepack.sections import Context, ForwardSchedule, InvertedSchedule, make_schedule
@@ -61,6 +63,7 @@ from framepack.train.checkpoints import (
     set_rng_state,
 )
 from framepack.train.data import LatentDataset
+from framepack.train.lr import warmup_cosine
 
 Schedule = InvertedSchedule | ForwardSchedule
 CONTEXT_KEYS = ("latent_indices", "clean_latents", "clean_latent_indices", "clean_latents_2x",
@@ -123,108 +126,6 @@ def _schedule_share(names: tuple[str, ...], weights: tuple[float, ...]) -> list[
         acc += w / total
         out.append(acc)
     return out
-
-
-# ------------------------------------------------------------------------------------ LoRA
-LORA_TARGETS = (
-    "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
-    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out",
-)  # fmt: skip
-
-
-class LoRALinear(nn.Module):
-    """y = base(x) + (alpha / r) * up(down(x)), the base frozen; `up` starts at zero (y unchanged).
-
-    `weight` reads as the merged matrix, so code that uses a Linear's weight directly (the single
-    blocks split `proj_out.weight` into column blocks) still sees, and trains, the adaptation.
-    """
-
-    def __init__(self, base: nn.Linear, rank: int, alpha: float) -> None:
-        super().__init__()
-        self.base = base.requires_grad_(False)
-        self.rank, self.scale = rank, alpha / rank
-        dev, dt = base.weight.device, base.weight.dtype
-        self.lora_down = nn.Parameter(torch.empty(rank, base.in_features, device=dev, dtype=torch.float32))
-        self.lora_up = nn.Parameter(torch.zeros(base.out_features, rank, device=dev, dtype=torch.float32))
-        nn.init.kaiming_uniform_(self.lora_down, a=math.sqrt(5))
-        self._dtype = dt
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
-
-    @property
-    def weight(self) -> torch.Tensor:
-        delta = (self.lora_up @ self.lora_down) * self.scale  # (out, in)
-        return self.base.weight + delta.to(self.base.weight.dtype)
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base.bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        low = F.linear(F.linear(x, self.lora_down.to(x.dtype)), self.lora_up.to(x.dtype))  # (..., out) via rank r
-        return self.base(x) + low * self.scale
-
-    def merged(self) -> nn.Linear:
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=self.base.weight.device, dtype=self.base.weight.dtype)  # fmt: skip
-        with torch.no_grad():
-            lin.weight.copy_(self.weight)
-            if self.bias is not None:
-                lin.bias.copy_(self.bias)
-        return lin
-
-
-def _blocks_linears(model: nn.Module, targets: tuple[str, ...]) -> list[tuple[nn.Module, str, str]]:
-    """(parent, attribute, full name) of the target Linears inside the double and single blocks."""
-    found = []
-    for name, module in model.named_modules():
-        if not name.startswith(("transformer_blocks.", "single_transformer_blocks.")):
-            continue
-        if isinstance(module, nn.Linear) and any(name.endswith("." + t) for t in targets):
-            parent_name, _, attr = name.rpartition(".")
-            found.append((model.get_submodule(parent_name), attr, name))
-    return found
-
-
-def apply_lora(model: nn.Module, rank: int, alpha: float | None = None, targets: tuple[str, ...] = LORA_TARGETS,
-               seed: int = 0) -> list[str]:  # fmt: skip
-    """Freeze `model` and wrap the target Linears of its blocks in LoRALinear; returns their names."""
-    model.requires_grad_(False)
-    torch.manual_seed(seed)  # the `down` matrices' init
-    names = []
-    for parent, attr, name in _blocks_linears(model, targets):
-        wrapped = LoRALinear(getattr(parent, attr), rank, float(alpha if alpha is not None else rank))
-        if isinstance(parent, nn.ModuleList):
-            parent[int(attr)] = wrapped
-        else:
-            setattr(parent, attr, wrapped)
-        names.append(name)
-    if not names:
-        raise ValueError(f"no Linear matched the LoRA targets {targets}")
-    return names
-
-
-def merge_lora(model: nn.Module) -> nn.Module:
-    """Replace every LoRALinear with a plain Linear holding the merged weight (official key layout)."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LoRALinear):
-            parent_name, _, attr = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            if isinstance(parent, nn.ModuleList):
-                parent[int(attr)] = module.merged()
-            else:
-                setattr(parent, attr, module.merged())
-    return model
-
-
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in model.state_dict().items() if ".lora_" in k}
 
 
 # ------------------------------------------------------------------------------------ models
@@ -505,12 +406,8 @@ class SectionTrainer:
     # ---------------------------------------------------------------- optimisation
     def lr_at(self, step: int) -> float:
         cfg = self.cfg
-        if step < cfg.warmup:
-            return cfg.lr * (step + 1) / cfg.warmup
-        if cfg.lr_schedule == "constant":
-            return cfg.lr
-        progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
-        return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+        return warmup_cosine(step, cfg.steps, cfg.lr, cfg.warmup, floor=cfg.min_lr_ratio,
+                             constant=cfg.lr_schedule == "constant")  # fmt: skip
 
     def _autocast(self):
         if self.cfg.precision == "bf16":

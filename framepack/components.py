@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import gc
-import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -23,15 +22,23 @@ from pathlib import Path
 import torch
 
 from framepack.config import RuntimeOptions
-from framepack.encoders import ImageEncoder, PromptCache, PromptEmbedding, TextEncoder, load_image_processor, pad_text
+from framepack.encoders import (
+    ImageEncoder,
+    PromptCache,
+    PromptEmbedding,
+    TextEncoder,
+    encoder_identity,
+    load_image_processor,
+    pad_text,
+)
 from framepack.memory import (
-    Footprint,
     GiB,
     MemoryManager,
+    NullMemory,
     auto_preserved_bytes,
     device_free_bytes,
     device_total_bytes,
-    module_bytes,
+    footprint,
     plan_memory,
     release_host_memory,
 )
@@ -48,7 +55,7 @@ def default_dtypes(spec: ModelSpec, device: torch.device) -> tuple[torch.dtype, 
     return torch.bfloat16, torch.bfloat16
 
 
-def _quiet_transformers():
+def quiet_transformers() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -76,30 +83,13 @@ class Components:
 
     @functools.cached_property
     def text_identity(self) -> str:
-        """Names the text encoders and template, so cached embeddings are never reused across models."""
-        h = hashlib.sha256()
-        for name in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"):
-            for f in sorted(self.paths[name].glob("*.json")):
-                h.update(f.name.encode() + f.read_bytes())
-        from framepack.encoders import prompt_template
-
-        h.update(repr(prompt_template()).encode() + repr(self.spec.prompt_crop).encode())
-        return h.hexdigest()[:24]
+        """The encoders' identity (`encoders.encoder_identity`): the prompt cache's key."""
+        return encoder_identity(self.paths, self.spec.prompt_crop)
 
     def text_encoder(self) -> TextEncoder:
         if self._text is None:
-            from transformers import AutoTokenizer, CLIPTextModel
-
-            _quiet_transformers()
-            p, dt, dev = self.paths, self.encoder_dtype, self.host
-            self._text = TextEncoder(
-                _load_llama(p["text_encoder"], dt, dev),
-                AutoTokenizer.from_pretrained(p["tokenizer"]),
-                CLIPTextModel.from_pretrained(p["text_encoder_2"], torch_dtype=dt).to(dev).eval().requires_grad_(False),
-                AutoTokenizer.from_pretrained(p["tokenizer_2"]),
-                crop=self.spec.prompt_crop,
-                identity=self.text_identity,
-            )
+            self._text = load_text_encoder(self.paths, dtype=self.encoder_dtype, device=self.host,
+                                           crop=self.spec.prompt_crop, identity=self.text_identity)  # fmt: skip
         return self._text
 
     def free_text_encoders(self) -> None:
@@ -133,17 +123,18 @@ class Components:
         }
 
     # ---------------------------------------------------------------------------- memory
-    def plan_job(self, *, height: int, width: int, window: int, with_text: bool) -> MemoryManager | None:
-        """A MemoryManager for one job of latent size height x width (None when memory is not managed)."""
+    def plan_job(self, *, height: int, width: int, window: int, with_text: bool) -> MemoryManager | NullMemory:
+        """The memory manager of one job of latent size height x width (`NullMemory` when unmanaged)."""
         if not self.managed:
-            return None
+            return NullMemory()
         modules = {"transformer": self.transformer, "vae": self.vae, "image_encoder": self.image_encoder.model}
         blocks = {"transformer": [*self.transformer.transformer_blocks, *self.transformer.single_transformer_blocks]}
         if with_text:  # one phase: LLaMA (its layers streamable) and CLIP run back to back
             text = self.text_encoder()
             modules["text_encoder"] = torch.nn.ModuleDict({"llama": text.llama, "clip": text.clip})
             blocks["text_encoder"] = list(text.llama.layers)
-        footprints = [self._footprint(n, m, blocks.get(n, []), height, width, window) for n, m in modules.items()]
+        footprints = [footprint(n, m, blocks.get(n, []), height=height, width=width, window=window)
+                      for n, m in modules.items()]  # fmt: skip
         gb = self.options.preserved_memory_gb
         if self.options.device_free_bytes is not None:  # a simulated device: exactly what the caller states
             free, preserved = self.options.device_free_bytes, int((gb or 0) * GiB)
@@ -152,28 +143,6 @@ class Components:
             preserved = int(gb * GiB) if gb is not None else auto_preserved_bytes(device_total_bytes(self.device))
         plan = plan_memory(footprints, free_bytes=free, preserved_bytes=preserved)
         return MemoryManager(self.device, plan, modules, blocks)
-
-    def _footprint(self, name, module, blocks, h, w, window) -> Footprint:
-        """Weights, streamable blocks and a working-set estimate (activations while the model runs)."""
-        weights = module_bytes(module)
-        block_bytes = tuple(module_bytes(b) for b in blocks)
-        if name == "transformer":  # the residual stream, q/k/v, attention out, MLP hidden: (8 D + 2 mlp) a token
-            cfg, act = self.transformer.config, self.transformer.dtype.itemsize
-            frame = (h // 2) * (w // 2)
-            tokens = (window + 2) * frame + frame // 4 * 2 // 2 + frame // 16 * 4 // 4 + 729 + 256
-            working = int(1.25 * tokens * (8 * cfg.inner_dim + 2 * cfg.mlp_dim) * act)
-        elif name == "vae":  # decoding 2 windows: a few full-resolution activations, tiled beyond 3 GiB
-            frames, channels = 4 * (2 * window + 1) - 3, max(self.vae.config.block_out_channels)
-            working = min(4 * frames * 64 * h * w * channels * self.encoder_dtype.itemsize, 3 * GiB)
-        elif name == "text_encoder":  # LLaMA keeps every layer's hidden states of (crop + 256) tokens
-            c = module["llama"].config
-            tokens = 512
-            working = tokens * (c.hidden_size * (c.num_hidden_layers + 1) + 2 * c.intermediate_size) * 4
-        else:  # SigLIP over its patch tokens
-            c = module.config
-            tokens = (c.image_size // c.patch_size) ** 2 + 1
-            working = tokens * (6 * c.hidden_size + 2 * c.intermediate_size) * 4 + tokens**2 * c.num_attention_heads * 4
-        return Footprint(name, weights, int(working), block_bytes)
 
 
 def _load_llama(path: Path, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
@@ -198,6 +167,38 @@ def _load_llama(path: Path, dtype: torch.dtype, device: torch.device) -> torch.n
     return LlamaModel.from_pretrained(path, torch_dtype=dtype).to(device).eval().requires_grad_(False)
 
 
+def _frozen(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    return model.to(device).eval().requires_grad_(False)
+
+
+def load_text_encoder(paths: dict[str, Path], *, dtype: torch.dtype, device: torch.device, crop: int | None,
+                      identity: str) -> TextEncoder:  # fmt: skip
+    """LLaMA (memory-mapped where its stored dtype is `dtype`) + CLIP and their tokenizers, frozen."""
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    quiet_transformers()
+    llama = _load_llama(paths["text_encoder"], dtype, device)
+    clip = _frozen(CLIPTextModel.from_pretrained(paths["text_encoder_2"], torch_dtype=dtype), device)
+    return TextEncoder(llama, AutoTokenizer.from_pretrained(paths["tokenizer"]), clip,
+                       AutoTokenizer.from_pretrained(paths["tokenizer_2"]), crop=crop, identity=identity)  # fmt: skip
+
+
+def load_image_encoder(paths: dict[str, Path], *, dtype: torch.dtype, device: torch.device) -> ImageEncoder:
+    """SigLIP and its preprocessing, frozen."""
+    from transformers import SiglipVisionModel
+
+    quiet_transformers()
+    siglip = SiglipVisionModel.from_pretrained(paths["image_encoder"], torch_dtype=dtype)
+    return ImageEncoder(_frozen(siglip, device), load_image_processor(paths["feature_extractor"]))
+
+
+def load_vae(paths: dict[str, Path], *, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """The HunyuanVideo VAE, frozen."""
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    return _frozen(AutoencoderKLHunyuanVideo.from_pretrained(paths["vae"], torch_dtype=dtype), device)
+
+
 def default_cache_dir() -> Path:
     base = os.environ.get("FRAMEPACK_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "framepack")
     return Path(base) / "prompt-cache"
@@ -214,9 +215,6 @@ def load_components(
     prompt_cache_dir: str | os.PathLike | None = None,
     options: RuntimeOptions | None = None,
 ) -> Components:
-    from diffusers import AutoencoderKLHunyuanVideo
-    from transformers import SiglipVisionModel
-
     from framepack.models.quant import quantize_fp8_
 
     options = options or RuntimeOptions()
@@ -228,14 +226,10 @@ def load_components(
     host = torch.device("cpu") if managed else device
     if options.fp8 and device.type == "mps":
         raise ValueError("fp8 weights are not supported on MPS; run without --fp8")
-    _quiet_transformers()
+    quiet_transformers()
     transformer = load_transformer(paths["transformer"], dtype=t_dtype, device=host, attention=attention)
     if options.fp8:
         quantize_fp8_(transformer, compute_dtype=t_dtype)
-    vae_model = AutoencoderKLHunyuanVideo.from_pretrained(paths["vae"], torch_dtype=e_dtype).to(host).eval()
-    siglip = SiglipVisionModel.from_pretrained(paths["image_encoder"], torch_dtype=e_dtype).to(host).eval()
-    for m in (vae_model, siglip):
-        m.requires_grad_(False)
     return Components(
         spec=spec,
         paths=paths,
@@ -243,8 +237,8 @@ def load_components(
         host=host,
         encoder_dtype=e_dtype,
         transformer=transformer,
-        vae=vae_model,
-        image_encoder=ImageEncoder(siglip, load_image_processor(paths["feature_extractor"])),
+        vae=load_vae(paths, dtype=e_dtype, device=host),
+        image_encoder=load_image_encoder(paths, dtype=e_dtype, device=host),
         prompt_cache=PromptCache(prompt_cache_dir if prompt_cache_dir is not None else default_cache_dir()),
         options=options,
     )

@@ -9,9 +9,12 @@ with `dataclasses.replace`, never re-typed.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import re
 from dataclasses import dataclass
 from typing import Any
+
+from framepack.sampling import SAMPLERS
 
 # Class names whose config.json we accept: the official one and diffusers' port (same keys).
 TRANSFORMER_CLASS_NAMES = ("HunyuanVideoTransformer3DModelPacked", "HunyuanVideoFramepackTransformer3DModel")
@@ -111,16 +114,78 @@ TINY = dataclasses.replace(
 )
 
 
-SAMPLERS = ("unipc", "unipc-bh2", "euler")
-
-
 class RequestError(ValueError):
     """A generation request with out-of-range or missing values; lists every problem at once."""
 
 
+# Bucket bases (framepack.images.buckets): the official 640 and the others users ask for.
+RESOLUTION_MIN, RESOLUTION_MAX, RESOLUTION_STEP = 64, 1280, 32
+
+
+def resolution_problem(base: object) -> str | None:
+    """Why `base` is not an accepted bucket base, or None."""
+    accepted = (f"a multiple of {RESOLUTION_STEP} from {RESOLUTION_MIN} to {RESOLUTION_MAX} "
+                "(64, 96, 128, ..., 640, ..., 1280)")  # fmt: skip
+    if isinstance(base, bool) or not isinstance(base, numbers.Integral):
+        return f"bucket base must be an integer, {accepted}; got {base!r}"
+    if base % RESOLUTION_STEP or not RESOLUTION_MIN <= base <= RESOLUTION_MAX:
+        return f"bucket base must be {accepted}; got {base}"
+    return None
+
+
+@dataclass(frozen=True)
+class FieldInfo:
+    """How one GenerationRequest field is offered and checked. The one source of the CLI flags and
+    help, the UI controls' ranges and choices, the API schema and `validate()`'s range checks."""
+
+    help: str
+    range: tuple[float, float] | None = None  # inclusive; checked by `validate()` (whole numbers for int fields)
+    choices: tuple[str, ...] | None = None
+    flag: str | None = None  # the CLI flag, where it is not --field-name (the official short names)
+    slider: tuple[float, float, float] | None = None  # UI (min, max, step) where the page offers less than `range`
+    group: str | None = None  # CLI help section
+    cli: bool = True  # offered as a plain flag (image, keyframes and prompt get their own handling)
+
+
+CONTROLS = "section controls"
+REQUEST_FIELDS: dict[str, FieldInfo] = {
+    "image": FieldInfo("start image (PNG, JPEG, WebP, ...)"),
+    "prompt": FieldInfo("what happens in the video; timestamped: '[0s: a man waves] [2.4s: he jumps]'"),
+    "negative_prompt": FieldInfo("used only with --cfg > 1"),
+    "seconds": FieldInfo("video length in seconds", (0.1, 3600), slider=(1, 120, 0.1)),
+    "seed": FieldInfo("random seed", (0, 2**63 - 1)),
+    "steps": FieldInfo("sampling steps per section", (1, 100), slider=(1, 100, 1)),
+    "distilled_guidance": FieldInfo("distilled CFG scale", (1, 32), flag="--gs", slider=(1, 32, 0.01)),
+    "cfg": FieldInfo("real CFG scale; 1 = off (one model call per step)", (1, 32), slider=(1, 32, 0.01)),
+    "cfg_rescale": FieldInfo("CFG re-scale", (0, 1), flag="--rs", slider=(0, 1, 0.01)),
+    "window": FieldInfo("latent window size", (1, 33), slider=(1, 33, 1)),
+    "teacache": FieldInfo("TeaCache: skip transformer steps that would barely change (faster, slightly different)"),
+    "teacache_threshold": FieldInfo("TeaCache threshold (0.1: about 1.6x, 0.15: about 2.1x faster)", (0, 1),
+                                    slider=(0, 1, 0.01)),
+    "resolution": FieldInfo(f"bucket base in pixels, a multiple of {RESOLUTION_STEP} in {RESOLUTION_MIN}.."
+                            f"{RESOLUTION_MAX} (default: the model's, 640 for the real models, 64 for tiny)"),
+    "crf": FieldInfo("MP4 quality, lower is better", (0, 51), slider=(0, 51, 1)),
+    "sampler": FieldInfo("sampler (framepack.sampling.SAMPLERS; unipc is the official bh1)", choices=tuple(SAMPLERS)),
+    "shift": FieldInfo("explicit flow shift (default: from the resolution, capped at 7)", (0.01, 100)),
+    "output": FieldInfo("output folder (default ./outputs) or a path ending in .mp4", flag="--out"),
+    "prompt_blend": FieldInfo("blend the prompts over the section where a timestamped prompt changes",
+                              group=CONTROLS),
+    "end_image": FieldInfo("original model: the video ends towards this image", group=CONTROLS),
+    "end_strength": FieldInfo("how strongly the end frame is held", (0, 1), slider=(0, 1, 0.01), group=CONTROLS),
+    "end_embedding_weight": FieldInfo("the end image's share of the image embedding (0.5: average)", (0, 1),
+                                      flag="--end-weight", slider=(0, 1, 0.01), group=CONTROLS),
+    "keyframes": FieldInfo("pin an image at a time, TIME=IMAGE (repeatable)", flag="--keyframe", group=CONTROLS,
+                           cli=False),
+    "video": FieldInfo("extend this video (MP4, WebM, GIF) instead of starting from an image", group=CONTROLS),
+    "video_context_frames": FieldInfo("input video frames that feed the context", (1, 1000), group=CONTROLS),
+    "t2v_start": FieldInfo("text-to-video start frame: color:#RRGGBB or generate", group=CONTROLS),
+}
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One image-to-video job. Defaults are the official demo's (spec §7). JSON-serialisable."""
+    """One image-to-video job. Defaults are the official demo's (spec §7). JSON-serialisable.
+    What each field means, its range and choices: `REQUEST_FIELDS`."""
 
     image: str | None = None  # path of the start image
     prompt: str = ""
@@ -151,12 +216,6 @@ class GenerationRequest:
 
     def validate(self) -> GenerationRequest:
         p = []
-
-        def rng(name: str, lo: float, hi: float) -> None:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (lo <= v <= hi):
-                p.append(f"{name} must be a number in {lo}..{hi}, got {v!r}")
-
         if not isinstance(self.prompt, str) or not self.prompt.strip():
             p.append("prompt is empty: describe the motion, e.g. 'The girl dances gracefully, with clear movements'")
         if self.image is not None and self.video is not None:
@@ -165,38 +224,24 @@ class GenerationRequest:
             self.t2v_start == "generate" or re.fullmatch(r"color:#[0-9a-fA-F]{6}", self.t2v_start)
         ):
             p.append(f"t2v_start must be 'color:#RRGGBB' or 'generate', got {self.t2v_start!r}")
-        rng("end_strength", 0, 1)
-        rng("end_embedding_weight", 0, 1)
-        if not isinstance(self.video_context_frames, int) or not 1 <= self.video_context_frames <= 1000:
-            p.append(f"video_context_frames must be a whole number in 1..1000, got {self.video_context_frames!r}")
         for kf in self.keyframes:
             if not (isinstance(kf, (tuple, list)) and len(kf) == 2 and isinstance(kf[0], (int, float))
                     and not isinstance(kf[0], bool) and isinstance(kf[1], str)):  # fmt: skip
                 p.append(f"keyframes are (seconds, image path) pairs, got {kf!r}")
-        rng("seconds", 0.1, 3600)
-        rng("steps", 1, 100)
-        rng("distilled_guidance", 1, 32)
-        rng("cfg", 1, 32)
-        rng("cfg_rescale", 0, 1)
-        rng("window", 1, 33)
-        rng("crf", 0, 51)
-        rng("teacache_threshold", 0, 1)
-        for name in ("seed", "steps", "window", "crf"):
-            if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
-                p.append(f"{name} must be a whole number, got {getattr(self, name)!r}")
-        if isinstance(self.seed, int) and not 0 <= self.seed < 2**63:
-            p.append(f"seed must be in 0..2^63-1, got {self.seed}")
-        if self.sampler not in SAMPLERS:
-            p.append(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
-        if self.shift is not None:
-            rng("shift", 0.01, 100)
-        if self.resolution is not None:
-            from framepack.images import ImageError, buckets
-
-            try:
-                buckets(self.resolution)
-            except ImageError as err:
-                p.append(str(err))
+        for name, info in REQUEST_FIELDS.items():
+            v = getattr(self, name)
+            if v is None and name in _OPTIONAL:
+                continue  # left at "automatic"
+            if info.range is not None:
+                lo, hi = info.range
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not (lo <= v <= hi):
+                    p.append(f"{name} must be a number in {lo}..{hi}, got {v!r}")
+                elif name in _INTEGER and not isinstance(v, int):
+                    p.append(f"{name} must be a whole number, got {v!r}")
+            if info.choices is not None and v not in info.choices:
+                p.append(f"{name} must be one of {', '.join(info.choices)}, got {v!r}")
+        if self.resolution is not None and (problem := resolution_problem(self.resolution)) is not None:
+            p.append(problem)
         if p:
             raise RequestError("invalid request: " + "; ".join(p))
         return self
@@ -215,6 +260,13 @@ class GenerationRequest:
         d = dataclasses.asdict(self)
         d["keyframes"] = [list(k) for k in self.keyframes]
         return d
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(GenerationRequest)}
+_OPTIONAL = {n for n, f in _FIELDS.items() if f.default is None}  # None means "automatic" / "not given"
+_INTEGER = {n for n, f in _FIELDS.items() if f.type in ("int", "int | None")}
+if set(REQUEST_FIELDS) != set(_FIELDS):  # a new request field needs its entry (help, range) first
+    raise ImportError(f"REQUEST_FIELDS and GenerationRequest disagree on {sorted(set(REQUEST_FIELDS) ^ set(_FIELDS))}")
 
 
 MEMORY_MODES = ("auto", "managed", "off")

@@ -8,10 +8,11 @@ User times are snapped to the nearest boundary and the snapped times are reporte
     snapped time is the latest <= its start; optionally the section where a prompt changes blends the
     old and the new embedding half and half.
   * Keyframes (images pinned at times) and the end frame are *anchors*: a clean latent placed in the
-    1x context slot of one section. Inverted (original) schedule: the anchor at boundary j is the
-    clean "future" frame of video section j-1 (the section that ends there); the end frame is the
-    anchor at boundary N. Forward (F1) schedule: the anchor at boundary j replaces the newest-past
-    frame of video section j (the section that starts there); F1 has no end frame.
+    1x context slot of one section. Which section is the schedule's to say (`framepack.sections`).
+    Inverted (original): the anchor at boundary j is the clean "future" frame of video section j-1
+    (the section that ends there); the end frame is the anchor at boundary N. Forward (F1): the anchor
+    at boundary j replaces the newest-past frame of video section j (the section that starts there);
+    F1 has no end frame.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import re
 from dataclasses import dataclass
 
 from framepack.config import RequestError
-from framepack.sections import FPS, VAE_TIME_FACTOR
+from framepack.sections import FPS, VAE_TIME_FACTOR, Schedule, ScheduleError
 
 
 class ControlError(RequestError):
@@ -130,16 +131,17 @@ class Anchor:
     seconds: float  # snapped time
 
 
-def place_anchors(
-    keyframes: list[float], sections: int, window: int, schedule: str, *, end_frame: bool
-) -> list[Anchor]:
-    """Which section each keyframe (times in seconds) and the end frame condition (see module docstring)."""
+def place_anchors(keyframes: list[float], schedule: Schedule, sections: int, *, end_frame: bool) -> list[Anchor]:
+    """Which section each keyframe (times in seconds) and the end frame condition: the schedule says
+    (`Schedule.anchor_section`, `Schedule.end_frame_section`); see the module docstring."""
+    window = schedule.window
     length = sections * section_seconds(window)
     anchors = []
     if end_frame:
-        if schedule != "inverted":
-            raise ControlError("an end frame needs the original (inverted) model: F1 only generates forward")
-        anchors.append(Anchor("end", sections, sections - 1, length))
+        try:
+            anchors.append(Anchor("end", sections, schedule.end_frame_section(sections), length))
+        except ScheduleError as err:
+            raise ControlError(str(err)) from None
     for i, t in enumerate(keyframes):
         if t < 0 or t > length:
             raise ControlError(f"keyframe {i + 1} at {t:g}s is outside the {length:.2f}s video")
@@ -147,14 +149,12 @@ def place_anchors(
         where = f"keyframe {i + 1} at {t:g}s (snapped to {j * section_seconds(window):.2f}s)"
         if j == 0:
             raise ControlError(f"{where} is the start of the video: use it as the start image instead")
-        if schedule == "inverted":
-            if j == sections and end_frame:
-                raise ControlError(f"{where} falls on the end frame; drop one of them")
-            video_section = j - 1
-        else:
-            if j == sections:
-                raise ControlError(f"{where} is the end of the video: F1 has no section after it (the original can)")
-            video_section = j
+        try:
+            video_section = schedule.anchor_section(j, sections)
+        except ScheduleError as err:
+            raise ControlError(f"{where} {err}") from None
+        if end_frame and video_section == anchors[0].video_section:
+            raise ControlError(f"{where} falls on the end frame; drop one of them")
         if any(a.video_section == video_section for a in anchors):
             raise ControlError(f"{where} conditions the same section as another keyframe; space them a section apart")
         anchors.append(Anchor(f"keyframe {i + 1}", j, video_section, j * section_seconds(window)))

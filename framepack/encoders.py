@@ -152,6 +152,18 @@ class ImageEncoder:
         return self.model(pixel_values=pixels).last_hidden_state.float().cpu()
 
 
+def encoder_identity(paths: dict[str, Path], prompt_crop: int | None) -> str:
+    """Names the conditioning encoders (every component but the transformer: their configs, tokenizers
+    and processor settings), the prompt template and the crop. Cached prompt embeddings and training
+    datasets record it, so neither is ever reused with other encoders."""
+    h = hashlib.sha256()
+    for name in sorted(n for n in paths if n != "transformer"):
+        for f in sorted(Path(paths[name]).glob("*.json")):
+            h.update(f"{name}/{f.name}".encode() + f.read_bytes())
+    h.update(repr(prompt_template()).encode() + repr(prompt_crop).encode())
+    return h.hexdigest()[:24]
+
+
 def siglip_processor_class():
     """transformers' PIL-based SigLIP image processor class (no torchvision needed)."""
     try:

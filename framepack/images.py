@@ -36,6 +36,8 @@ from functools import cache
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from framepack.config import RESOLUTION_STEP, resolution_problem
+
 __all__ = [
     "BUCKETS_640",
     "MAX_PIXELS",
@@ -75,7 +77,7 @@ BUCKETS_640: tuple[tuple[int, int], ...] = (
 MIN_SIDE: int = 32  # one VAE latent row is 8 px and the DiT patch is 2 latents: below this nothing is left
 MAX_PIXELS: int = 64_000_000  # far above any bucket (< 2 MP at base 1280), far below a decompression bomb
 
-_BASE_MIN, _BASE_MAX, _BASE_STEP = 64, 1280, 32
+_BASE_STEP = RESOLUTION_STEP
 
 # Formats we let PIL parse. Image.open would otherwise try every plugin it has, including EPS (which
 # runs Ghostscript) and rarely used parsers: a needless attack surface for files coming over HTTP.
@@ -113,13 +115,9 @@ def buckets(base: int = 640) -> tuple[tuple[int, int], ...]:
 
 
 def _check_base(base: object) -> int:
-    accepted = f"a multiple of {_BASE_STEP} from {_BASE_MIN} to {_BASE_MAX} (64, 96, 128, ..., 640, ..., 1280)"
-    if isinstance(base, bool) or not isinstance(base, (int, np.integer)):
-        raise ImageError(f"bucket base must be an integer, {accepted}; got {base!r}")
-    base = int(base)
-    if base % _BASE_STEP or not _BASE_MIN <= base <= _BASE_MAX:
-        raise ImageError(f"bucket base must be {accepted}; got {base}")
-    return base
+    if (problem := resolution_problem(base)) is not None:
+        raise ImageError(problem)
+    return int(base)
 
 
 @cache

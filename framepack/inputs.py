@@ -19,7 +19,8 @@ import numpy as np
 
 from framepack.config import GenerationRequest, RequestError
 from framepack.images import load_image, nearest_bucket, prepare_image, resize_and_center_crop
-from framepack.sections import FPS
+from framepack.sections import FPS, Schedule
+from framepack.video import resample
 
 MAX_INPUT_SECONDS = 600  # an input video longer than this is refused (10 minutes at 30 fps)
 MAX_INPUT_PIXELS = 4096 * 4096
@@ -35,7 +36,7 @@ class VideoInput:
     def iter_frames(self, size: tuple[int, int], chunk: int = 64) -> Iterator[np.ndarray]:
         """All frames again, cropped to `size`, in chunks of (<= chunk, H, W, 3)."""
         batch = []
-        for frame in _read(self.path):
+        for frame in read_video_frames(self.path):
             batch.append(resize_and_center_crop(frame, *size))
             if len(batch) == chunk:
                 yield np.stack(batch)
@@ -51,10 +52,17 @@ class JobInputs:
     end: np.ndarray | None
     keyframes: list[np.ndarray]
     video: VideoInput | None
+    video_context: np.ndarray | None = None  # (T, H, W, 3): input video frames the schedule encodes into its context
 
 
-def _read(path: str | os.PathLike) -> Iterator[np.ndarray]:
-    """Decoded RGB frames resampled to 30 fps: each 1/30 s tick shows the frame nearest in time."""
+def read_video_frames(path: str | os.PathLike, *, max_seconds: float | None = None,
+                      max_pixels: int | None = None) -> Iterator[np.ndarray]:  # fmt: skip
+    """A video's RGB frames resampled to 30 fps (`framepack.video.resample`: each tick shows the frame
+    nearest in time), decoded as a stream; RequestError for an unreadable, damaged, too large or too
+    long file (limits: MAX_INPUT_SECONDS, MAX_INPUT_PIXELS unless given). The one reader of input
+    videos, for inference and for training data alike."""
+    max_seconds = MAX_INPUT_SECONDS if max_seconds is None else max_seconds
+    max_pixels = MAX_INPUT_PIXELS if max_pixels is None else max_pixels
     try:
         container = av.open(str(path))
     except (av.error.FFmpegError, OSError) as err:
@@ -64,27 +72,22 @@ def _read(path: str | os.PathLike) -> Iterator[np.ndarray]:
             raise RequestError(f"{path} has no video stream (accepted: MP4, WebM, GIF, MOV, MKV)")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        tick, last, last_t = 0, None, 0.0
-        try:
+
+        def timed() -> Iterator[tuple[np.ndarray, float]]:
+            t0 = None
             for n, frame in enumerate(container.decode(stream)):
-                if frame.width * frame.height > MAX_INPUT_PIXELS:
-                    raise RequestError(f"{path} is {frame.width}x{frame.height}; at most {MAX_INPUT_PIXELS} pixels")
+                if frame.width * frame.height > max_pixels:
+                    raise RequestError(f"{path} is {frame.width}x{frame.height}; at most {max_pixels} pixels")
                 t = float(frame.time) if frame.time is not None else n / FPS
-                if t > MAX_INPUT_SECONDS:
-                    raise RequestError(f"{path} is longer than {MAX_INPUT_SECONDS} s; trim it first")
-                if last is not None:
-                    while tick / FPS < (last_t + t) / 2:  # ticks nearer the previous frame
-                        yield last
-                        tick += 1
-                last, last_t = frame.to_ndarray(format="rgb24"), t
+                t0 = t if t0 is None else t0
+                if t - t0 > max_seconds:
+                    raise RequestError(f"{path} is longer than {max_seconds:g} s; trim it first")
+                yield frame.to_ndarray(format="rgb24"), t
+
+        try:
+            yield from resample(timed(), FPS)
         except av.error.FFmpegError as err:
             raise RequestError(f"{path} is damaged or not a video: {err}") from None
-        if last is not None:
-            yield last
-            tick += 1
-            while tick / FPS <= last_t + 1e-6:
-                yield last
-                tick += 1
 
 
 def read_video_input(path: str, keep: int, base: int) -> VideoInput:
@@ -92,7 +95,7 @@ def read_video_input(path: str, keep: int, base: int) -> VideoInput:
     if not os.path.isfile(path):
         raise RequestError(f"input video not found: {path}")
     first, tail, n, size = None, deque(maxlen=keep), 0, None
-    for frame in _read(path):
+    for frame in read_video_frames(path):
         if size is None:
             size = nearest_bucket(frame.shape[0], frame.shape[1], base)
             first = resize_and_center_crop(frame, *size)
@@ -108,17 +111,18 @@ def solid_color(spec: str, size: tuple[int, int]) -> np.ndarray:
     return np.broadcast_to(np.array(rgb, np.uint8), (*size, 3)).copy()
 
 
-def prepare_inputs(request: GenerationRequest, base: int, schedule: str, image: np.ndarray | None = None) -> JobInputs:
+def prepare_inputs(request: GenerationRequest, base: int, schedule: Schedule,
+                   image: np.ndarray | None = None) -> JobInputs:  # fmt: skip
     """Load and check every pixel input of a request (before any model runs)."""
-    video = None
+    video, context = None, None
     if request.video is not None:
-        overlap = 4 * request.window - 3
+        overlap = schedule.overlap()
         need = max(overlap, request.video_context_frames)
         video = read_video_input(request.video, need, base)
         if video.frames < overlap:
             raise RequestError(f"the input video has {video.frames} frames; extending needs at least {overlap}")
         size = video.first.shape[:2]
-        start = video.first if schedule == "forward" else video.tail[-1]  # F1 keeps the video's first frame
+        start, context = schedule.extend(video.first, video.tail, request.video_context_frames)
     elif image is not None or request.image is not None:
         start, size = prepare_image(image if image is not None else request.image, base)
     else:  # text-to-video
@@ -130,4 +134,4 @@ def prepare_inputs(request: GenerationRequest, base: int, schedule: str, image: 
 
     end = fitted(request.end_image) if request.end_image else None
     keyframes = [fitted(path) for _, path in request.keyframes]
-    return JobInputs(start, size, end, keyframes, video)
+    return JobInputs(start, size, end, keyframes, video, context)

@@ -2,7 +2,8 @@
 and evicted after, and which streams its blocks from host memory.
 
 The pipeline only declares what it needs (`with manager.use("transformer"): ...`); this module
-decides. One plan is made per job from the models' sizes, the free device memory and the user's
+decides (`NullMemory`, with the same interface, when a job's memory is not managed). One plan is made
+per job from the models' sizes, their working sets (`WORKING_SETS`), the free device memory and the user's
 "preserved memory" (the official slider: memory to leave free for the rest of the system):
 
     budget = free - preserved
@@ -164,6 +165,48 @@ def _stream(m: Footprint, budget: int, prefetch: int) -> Placement:
     if k == len(m.block_bytes):  # everything fits after all: no streaming buffers needed
         return Placement(Mode.SWAP, m.weight_bytes + m.working_bytes)
     return Placement(Mode.STREAM, used, k, prefetch)
+
+
+# ------------------------------------------------------------------------------- working sets
+# Device bytes a model needs beside its weights while it runs, per model of a FramePack spec, at a
+# job's latent size (h x w) and window. Estimates, generous where the real peak is hard to bound.
+def _transformer_working(module: nn.Module, h: int, w: int, window: int) -> int:
+    """The residual stream, q/k/v, attention out and the MLP hidden: (8 D + 2 mlp) values per token."""
+    cfg, act = module.config, module.dtype.itemsize
+    frame = (h // 2) * (w // 2)
+    tokens = (window + 2) * frame + frame // 4 * 2 // 2 + frame // 16 * 4 // 4 + 729 + 256
+    return int(1.25 * tokens * (8 * cfg.inner_dim + 2 * cfg.mlp_dim) * act)
+
+
+def _vae_working(module: nn.Module, h: int, w: int, window: int) -> int:
+    """Decoding 2 windows: a few full-resolution activations; tiled beyond 3 GiB."""
+    frames, channels = 4 * (2 * window + 1) - 3, max(module.config.block_out_channels)
+    return min(4 * frames * 64 * h * w * channels * module.dtype.itemsize, 3 * GiB)
+
+
+def _text_working(module: nn.Module, h: int, w: int, window: int) -> int:
+    """LLaMA keeps every layer's hidden states of (crop + 256) tokens."""
+    c = module["llama"].config
+    tokens = 512
+    return tokens * (c.hidden_size * (c.num_hidden_layers + 1) + 2 * c.intermediate_size) * 4
+
+
+def _siglip_working(module: nn.Module, h: int, w: int, window: int) -> int:
+    """SigLIP over its patch tokens."""
+    c = module.config
+    tokens = (c.image_size // c.patch_size) ** 2 + 1
+    return tokens * (6 * c.hidden_size + 2 * c.intermediate_size) * 4 + tokens**2 * c.num_attention_heads * 4
+
+
+WORKING_SETS = {"transformer": _transformer_working, "vae": _vae_working, "text_encoder": _text_working,
+                "image_encoder": _siglip_working}  # fmt: skip
+
+
+def footprint(name: str, module: nn.Module, blocks: Sequence[nn.Module], *, height: int, width: int,
+              window: int) -> Footprint:  # fmt: skip
+    """A model's weights, its streamable blocks and its working set (`WORKING_SETS[name]`) for one job."""
+    working = WORKING_SETS[name](module, height, width, window)
+    return Footprint(name, module_bytes(module), int(working), tuple(module_bytes(b) for b in blocks))
 
 
 def configure_host_allocator(mmap_threshold: int = 16 * 2**20) -> None:
@@ -498,6 +541,33 @@ class MemoryManager:
         for slot in self.slots.values():
             slot.evict()
 
+    @property
+    def tiled_decode(self) -> bool:
+        """Decode the VAE in tiles: on an accelerator whose plan is not everything-resident."""
+        return not self.plan.high_vram and self.device.type != "cpu"
+
+    def describe(self) -> str | None:
+        return self.plan.describe()
+
+
+class NullMemory:
+    """The manager of a job whose memory is not managed: every model stays where it was loaded."""
+
+    plan = None
+    tiled_decode = False
+
+    def use(self, name: str) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def drop(self, name: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def describe(self) -> None:
+        return None
+
 
 class _CoreSlot(ModelSlot):
     """A ModelSlot over a model's tensors outside its streamed blocks."""
@@ -522,8 +592,8 @@ def _all_tensors(module: nn.Module) -> list[torch.Tensor]:
 
 
 __all__ = [
-    "BlockStreamer", "Footprint", "MemoryBudgetError", "MemoryManager", "Mode", "ModelSlot", "Placement", "Plan",
-    "configure_host_allocator", "module_bytes", "plan_memory", "release_host_memory",
+    "BlockStreamer", "Footprint", "MemoryBudgetError", "MemoryManager", "Mode", "ModelSlot", "NullMemory", "Placement",
+    "Plan", "configure_host_allocator", "footprint", "module_bytes", "plan_memory", "release_host_memory",
 ]  # fmt: skip
 
 

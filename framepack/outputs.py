@@ -55,19 +55,34 @@ def check_output(request: GenerationRequest) -> tuple[Path, Path]:
     return video, video.with_suffix(".json")
 
 
-def write_metadata(result, request, spec, writer, cache, error, device, dtype, plan_text) -> None:
+@dataclass(frozen=True)
+class RunInfo:
+    """How a job ran, for its sidecar (besides its GenerationResult)."""
+
+    request: GenerationRequest
+    spec: object  # registry.ModelSpec
+    device: torch.device
+    dtype: torch.dtype  # the transformer's
+    effective_crf: int | None  # None: no video writer was opened
+    step_cache: dict | None  # the step cache's report (models.caches.StepCache.report)
+    memory_plan: str | None
+    error: str | None  # "Type: message" of what stopped a failed job
+
+
+def write_metadata(result: GenerationResult, run: RunInfo) -> None:
     """The JSON sidecar next to the video, replaced atomically."""
     import diffusers
     import transformers
 
     import framepack
 
+    spec, cache = run.spec, run.step_cache
     meta = {
         "framepack_version": framepack.__version__,
         "status": result.status,
-        "error": error,
+        "error": run.error,
         "created": datetime.now().isoformat(timespec="seconds"),
-        "request": request.to_json_dict(),
+        "request": run.request.to_json_dict(),
         "model": {
             "name": spec.name,
             "schedule": spec.schedule,
@@ -81,13 +96,14 @@ def write_metadata(result, request, spec, writer, cache, error, device, dtype, p
         "height": result.height,
         "sections": result.sections,
         "sections_done": result.sections_done,
-        "effective_crf": writer.effective_crf,
-        "teacache_computed_fraction": round(cache.computed_fraction, 3) if cache else None,
+        "effective_crf": run.effective_crf,
+        "teacache_computed_fraction": cache["computed_fraction"] if cache else None,  # the key of earlier versions
+        "step_cache": cache,
         "peak_vram_bytes": result.peak_vram_bytes,
         "peak_rss_bytes": result.peak_rss_bytes,
-        "memory_plan": plan_text,
-        "device": str(device),
-        "dtype": str(dtype).replace("torch.", ""),
+        "memory_plan": run.memory_plan,
+        "device": str(run.device),
+        "dtype": str(run.dtype).replace("torch.", ""),
         "versions": {
             "torch": torch.__version__,
             "diffusers": diffusers.__version__,

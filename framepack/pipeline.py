@@ -1,16 +1,19 @@
 """Image-to-video generation: the FramePack section loop.
 
-    image, prompt ─► encoders (LLaMA + CLIP, cached by prompt; SigLIP) ─► VAE encode ─► start latent
-    for section in schedule.sections(N):            inverted (original) or forward (F1), from the registry
-        context = schedule.context(history, section)  1x / 2x / 4x clean latents + frame indices
-        latents = sampler(transformer, noise, context)  UniPC flow matching, TeaCache attached from outside
-        history = schedule.append(history, section, latents)
-        assembler.add(vae.decode(schedule.to_decode(history, section)))   cross-fade + incremental MP4
-        on_event(SectionDone(...))                    a playable MP4 exists after every section
+    check_request(request, spec)      numbers, inputs, prompts, anchors -> a JobPlan (before any model runs)
+    run = JobRun(pipeline, plan)      output paths or saved state, the job's memory plan, its step cache
+    run.condition()                   prompts (LLaMA + CLIP, cached by text) and images (VAE, SigLIP)
+                                      -> the transformer's inputs and the start latent
+    run.open_video()                  a new MP4 writer, or the one a saved state continues
+    for section in run.pending():     the schedule's order: back to front (original) or forward (F1)
+        run.section(section)          context -> sampler (+ step cache) -> history -> VAE decode -> MP4
+    run.close()                       the final MP4 and sidecar; Finished / Cancelled / Failed
 
 Cost per section does not depend on video length: bounded latent history, decoding only the newest
 latents, and an MP4 writer that encodes each frame once. The engine reports through events and
-checks a CancelToken every step; it imports nothing from the front ends.
+checks a CancelToken every step; it imports nothing from the front ends. Everything one job needs
+(request, plan, memory manager, events, cancel token, RNG, video) lives on its `JobRun`; the
+`Pipeline` holds only the loaded models.
 """
 
 from __future__ import annotations
@@ -43,20 +46,22 @@ from framepack.events import (
 )
 from framepack.inputs import JobInputs, prepare_inputs
 from framepack.memory import peaks, release_host_memory, reset_peaks
-from framepack.models.caches import TeaCache
-from framepack.outputs import GenerationResult, check_output, write_metadata
-from framepack.sections import (
-    FPS,
-    ForwardSchedule,
-    InvertedSchedule,
-    Section,
-    make_schedule,
-    pixel_frames,
-    section_count,
-)
+from framepack.models.caches import StepCache, make_step_cache
+from framepack.outputs import GenerationResult, RunInfo, check_output, write_metadata
+from framepack.sections import FPS, ForwardSchedule, History, Schedule, Section, make_schedule
 from framepack.video import OverlapAssembler, SectionVideoWriter, to_uint8_frames
 
 EventCallback = Callable[[object], None]
+
+
+class GenerationFailed(RuntimeError):
+    """A job that stopped on an error after its video was started. `__cause__` is the original error
+    (its type and message are also in the Failed event and the sidecar); `result` describes what was
+    left behind (a playable MP4 of the finished sections, the sidecar)."""
+
+    def __init__(self, message: str, result: GenerationResult) -> None:
+        super().__init__(message)
+        self.result = result
 
 
 @dataclass
@@ -66,17 +71,16 @@ class JobPlan:
     request: GenerationRequest
     inputs: JobInputs
     sections: list[Section]
-    schedule: InvertedSchedule | ForwardSchedule
+    schedule: Schedule
     prompts: list[SectionPrompt]  # per video-order section
     prompt_times: list[tuple[float, str]]
     anchors: list[Anchor]
 
     @property
     def frames(self) -> int:
-        """Pixel frames of the finished video. Extending a video adds 36N frames after its last one:
-        F1 cross-fades its first section over the input's last 33 frames, the original drops its
-        first frame (the input's last frame, re-encoded)."""
-        new = pixel_frames(len(self.sections), self.request.window)
+        """Pixel frames of the finished video. Continuing an input video adds the new frames after its
+        last one: joined over the schedule's overlap, minus the one frame both share."""
+        new = self.schedule.frames(len(self.sections))
         return new if self.inputs.video is None else self.inputs.video.frames + new - 1
 
 
@@ -86,17 +90,19 @@ def check_request(request: GenerationRequest, spec, image: np.ndarray | None = N
     schedule = make_schedule(spec.schedule, request.window)
     if request.video is not None and not max(request.window, 1) <= request.video_context_frames:
         raise RequestError("video_context_frames must be at least the latent window size")
-    inputs = prepare_inputs(request, request.resolution or spec.default_resolution, spec.schedule, image)
-    sections = schedule.sections(section_count(request.seconds, request.window))
+    inputs = prepare_inputs(request, request.resolution or spec.default_resolution, schedule, image)
+    sections = schedule.sections_for(request.seconds)
     prompts = parse_prompts(request.prompt)
     per_section, starts = prompts_per_section(prompts, len(sections), request.window, blend=request.prompt_blend)
-    anchors = place_anchors([t for t, _ in request.keyframes], len(sections), request.window, spec.schedule,
+    anchors = place_anchors([t for t, _ in request.keyframes], schedule, len(sections),
                             end_frame=request.end_image is not None)  # fmt: skip
     times = [(t, p) for t, (_, p) in zip(starts, prompts)]
     return JobPlan(request, inputs, sections, schedule, per_section, times, anchors)
 
 
 class Pipeline:
+    """The loaded models of one registry spec; `generate` runs a job on them."""
+
     def __init__(self, components, *, device: torch.device) -> None:
         self.c = components  # framepack.components.Components
         self.spec = components.spec
@@ -112,256 +118,340 @@ class Pipeline:
         image: np.ndarray | None = None,
         state_dir: str | os.PathLike | None = None,
     ) -> GenerationResult:
-        """Run one job. `image` (uint8 HWC) may replace `request.image` for in-process callers.
+        """Run one job (the flow in the module docstring). `image` (uint8 HWC) may replace
+        `request.image` for in-process callers.
 
         `state_dir`: make the job resumable. State is saved there after every finished section; if
         the folder already holds a saved state for the same request, the job continues from it (the
         result equals an uninterrupted run's). Removed when the job finishes.
+
+        Errors before the video exists (bad inputs, memory budget, missing weights) are raised as they
+        are. Once it exists, a cancel gives a `Cancelled` result and an error a `GenerationFailed`
+        (from the original error), both with a playable MP4 of the finished sections and a sidecar.
         """
-        emit = on_event or (lambda event: None)
-        cancel = cancel or CancelToken()
         if image is not None and request.image is None:
             request = dataclasses.replace(request, image="<array>")
         plan = check_request(request, self.spec, image)
-        saved = jobstate.load(state_dir) if jobstate.exists(state_dir) else None
-        if saved is not None and (saved.request != request.to_json_dict() or saved.model != self.spec.name):
+        run = JobRun(self, plan, on_event or _ignore, cancel or CancelToken(), state_dir)
+        try:
+            run.condition()
+            run.open_video()
+            for section in run.pending():
+                run.section(section)
+        except GenerationCancelled:
+            run.stop("cancelled")
+        except Exception as err:
+            if not run.started:
+                raise
+            run.stop("failed", err)
+        finally:
+            run.release()
+        return run.close()
+
+
+def _ignore(event: object) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class _Where:
+    """Which section a sampler run belongs to, for its progress events."""
+
+    section: int
+    sections: int
+    frames_done: int
+
+
+@dataclass
+class _Conditioning:
+    """What every section of a job shares."""
+
+    start: torch.Tensor  # (1, C, 1, h, w) the start latent
+    conds: dict[tuple[str, str | None], dict]  # transformer text + image inputs per (prompt, blended-from)
+    uncond: dict  # the negative pass's (zeros when cfg is 1: never run)
+    anchors: dict[int, torch.Tensor]  # video section -> clean latent for its 1x slot (end frame, keyframes)
+    prefix: torch.Tensor | None  # latents of an input video's last frames, when the schedule continues from them
+
+
+class JobRun:
+    """One `Pipeline.generate` call: the checked plan, its output paths or saved state, memory
+    manager, step cache, event callback, cancel token, RNG and video. Its methods are the flow."""
+
+    def __init__(self, pipe: Pipeline, plan: JobPlan, emit: EventCallback, cancel: CancelToken,
+                 state_dir: str | os.PathLike | None) -> None:  # fmt: skip
+        self.pipe, self.c, self.device = pipe, pipe.c, pipe.device
+        self.plan, self.request, self.schedule = plan, plan.request, plan.schedule
+        self.emit, self.cancel = emit, cancel
+        self.state_dir = Path(state_dir) if state_dir is not None else None
+        request = self.request
+        self.saved = jobstate.load(state_dir) if jobstate.exists(state_dir) else None
+        if self.saved is not None and (self.saved.request != request.to_json_dict()
+                                       or self.saved.model != pipe.spec.name):  # fmt: skip
             raise RequestError(f"{state_dir} holds a different job's state (another request or model); cannot resume")
-        (height, width), inputs = plan.inputs.size, plan.inputs
-        video_path, meta_path = (
-            check_output(request) if saved is None else (saved.video, saved.video.with_suffix(".json"))
+        self.video_path, self.meta_path = (
+            check_output(request) if self.saved is None else (self.saved.video, self.saved.video.with_suffix(".json"))
         )
         emit(JobPlanned(len(plan.sections), plan.frames, plan.prompt_times,
                         [(a.source, a.seconds) for a in plan.anchors]))  # fmt: skip
-        timings: dict = {"sections": []}
-        t0 = time.perf_counter()
+        self.timings: dict = {"sections": []}
+        self.t0 = time.perf_counter()
         reset_peaks(self.device)
+        self.rng = torch.Generator("cpu").manual_seed(request.seed)
+        self.prompts = {p.prompt for p in plan.prompts} | {p.blend_from for p in plan.prompts if p.blend_from}
+        self.prompts |= {request.negative_prompt} if request.cfg != 1 else set()
+        self.need_text = any(self.c.cached_prompt(p) is None for p in self.prompts)
+        height, width = plan.inputs.size
+        self.memory = self.c.plan_job(height=height // 8, width=width // 8, window=request.window,
+                                      with_text=self.need_text)  # fmt: skip
+        self.cache: StepCache | None = make_step_cache(request)
+        self.cond: _Conditioning | None = None
+        self.history: History | None = None
+        self.writer: SectionVideoWriter | None = None
+        self.assembler: OverlapAssembler | None = None
+        self.done = 0
+        self.started = False  # the video is open: from here on a job ends with a result and a sidecar
+        self.status, self.error = "finished", None  # error: the exception that stopped a failed job
 
-        prompts = {p.prompt for p in plan.prompts} | {p.blend_from for p in plan.prompts if p.blend_from}
-        prompts |= {request.negative_prompt} if request.cfg != 1 else set()
-        need_text = any(self.c.cached_prompt(p) is None for p in prompts)
-        manager = self.c.plan_job(height=height // 8, width=width // 8, window=request.window, with_text=need_text)
+    # ---------------------------------------------------------------------------- conditioning
+    def condition(self) -> None:
+        """Prompts and images -> the transformer inputs every section shares, and the start latent."""
+        embeddings, neg = self._encode_prompts()
+        blended = {}
+        for sp in self.plan.prompts:  # one set of transformer text inputs per distinct (prompt, blend)
+            if (sp.prompt, sp.blend_from) not in blended:
+                emb = embeddings[sp.prompt]
+                blended[(sp.prompt, sp.blend_from)] = emb if sp.blend_from is None else emb.blend(
+                    embeddings[sp.blend_from])  # fmt: skip
+        start, siglip, anchors, prefix = self._encode_images()
+        if start is None:  # text-to-video starting from a generated frame
+            start, siglip = self._generate_start(blended, neg)
+        self.timings["conditioning_s"] = round(time.perf_counter() - self.t0, 3)
+        guidance = self.request.distilled_guidance
+        conds = {k: self.c.transformer_inputs(e, siglip, guidance) for k, e in blended.items()}
+        uncond = self.c.transformer_inputs(neg, siglip, guidance)
+        self.cond = _Conditioning(start, conds, uncond, anchors, prefix)
 
-        def phase(name: str) -> contextlib.AbstractContextManager:
-            return manager.use(name) if manager is not None else contextlib.nullcontext()
-
-        try:
-            embeddings, neg = self._encode_prompts(request, sorted(prompts), phase, manager, need_text, emit)
-            cond_of = {}
-            for sp in plan.prompts:  # one set of transformer text inputs per distinct (prompt, blend)
-                if (sp.prompt, sp.blend_from) not in cond_of:
-                    emb = embeddings[sp.prompt]
-                    if sp.blend_from is not None:
-                        emb = emb.blend(embeddings[sp.blend_from])
-                    cond_of[(sp.prompt, sp.blend_from)] = emb
-            start, siglip, anchors, prefix = self._encode_images(request, plan, phase, emit)
-            if start is None:  # text-to-video starting from a generated frame
-                start, siglip = self._generate_start(request, plan, cond_of, neg, phase, emit, cancel)
-        except BaseException:
-            if manager is not None:
-                manager.close()
-            raise
-        timings["conditioning_s"] = round(time.perf_counter() - t0, 3)
-        tiling = manager is not None and not manager.plan.high_vram and self.device.type != "cpu"
-        self._plan_text = manager.plan.describe() if manager is not None else None
-
-        conds = {k: self.c.transformer_inputs(e, siglip, request.distilled_guidance) for k, e in cond_of.items()}
-        uncond = self.c.transformer_inputs(neg, siglip, request.distilled_guidance)
-        schedule, sections = plan.schedule, plan.sections
-        rng = torch.Generator("cpu").manual_seed(request.seed)
-        parts = Path(state_dir) / jobstate.SEGMENTS if state_dir is not None else None
-        if saved is None:
-            history, done = schedule.start(start, prefix) if prefix is not None else schedule.start(start), 0
-            writer = SectionVideoWriter(video_path, fps=FPS, crf=request.crf, parts_dir=parts)
-        else:
-            history, done = saved.history, saved.sections_done
-            rng.set_state(saved.rng_state)
-            writer = SectionVideoWriter.restore(video_path, saved.writer, parts)
-        assembler = OverlapAssembler(writer, schedule.overlap(), schedule.direction)
-        if saved is None and prefix is not None:  # forward extension: the input video comes first
-            assembler.start_with(inputs.video.iter_frames(inputs.size), inputs.video.tail)
-        if done:  # the edge still to be cross-faded: re-decoded from the last finished section's latents
-            with phase("vae"):
-                last = vae.decode(self.c.vae, schedule.to_decode(history, sections[done - 1]), tiling=tiling)
-            assembler.restore(last, done)
-        cache = TeaCache(request.teacache_threshold) if request.teacache else None
-        transformer = self.c.transformer
-        transformer.step_cache = cache
-        status, error = "finished", None
-        try:
-            for section in sections[done:]:
-                cancel.check()
-                ts = time.perf_counter()
-                anchor = anchors.get(section.video_index)
-                ctx = {k: v.to(self.device, transformer.dtype) if v.is_floating_point() else v.to(self.device)
-                       for k, v in schedule.context(history, section, anchor).as_kwargs().items()}  # fmt: skip
-                sp = plan.prompts[section.video_index]
-                cond = conds[(sp.prompt, sp.blend_from)]
-
-                def velocity(x, t, pass_name, ctx=ctx, cond=cond):
-                    kw = cond if pass_name == "cond" else uncond
-                    return transformer(hidden_states=x, timestep=t, **kw, **ctx).sample
-
-                with phase("transformer"):
-                    latents = self._sample(request, velocity, cache, start.shape, rng, section, len(sections),
-                                           writer.num_frames, emit, cancel)  # fmt: skip
-                history = schedule.append(history, section, latents)
-                td = time.perf_counter()
-                emit(StageStarted("decoding", section.index, len(sections)))
-                with phase("vae"):
-                    decoded = vae.decode(self.c.vae, schedule.to_decode(history, section), tiling=tiling)
-                assembler.add(decoded)
-                done += 1
-                if state_dir is not None:
-                    jobstate.save(state_dir, request=request.to_json_dict(), model=self.spec.name, sections_done=done,
-                                  video=video_path, writer=writer.state(), history=history, rng=rng)  # fmt: skip
-                release_host_memory()  # the decode's temporaries: keep RSS flat from section to section
-                timings["sections"].append(
-                    {"sample_s": round(td - ts, 3), "decode_write_s": round(time.perf_counter() - td, 3)}
-                )
-                emit(SectionDone(section.index, len(sections), video_path, writer.num_frames, writer.num_frames / FPS))
-        except GenerationCancelled:
-            status = "cancelled"
-        except Exception as err:
-            status, error = "failed", f"{type(err).__name__}: {err}"
-        finally:
-            transformer.step_cache = None
-            transformer.clear_section_cache()
-            if manager is not None:
-                manager.close()
-        after = inputs.video.iter_frames(inputs.size) if inputs.video and schedule.direction == "backward" else None
-        video = self._close_video(status, done, assembler, writer, state_dir, after)
-        if video is None and status == "finished":
-            status, error = "failed", "the video could not be written"
-        release_host_memory()
-        timings["total_s"] = round(time.perf_counter() - t0, 3)
-        peak_vram, peak_rss = peaks(self.device)
-        frames = writer.num_frames if video else 0
-        result = GenerationResult(status, video, meta_path, frames, frames / FPS, width, height, done, len(sections),
-                                  request.seed, timings, peak_vram, peak_rss)  # fmt: skip
-        write_metadata(
-            result, request, self.spec, writer, cache, error, self.device, self.c.transformer.dtype, self._plan_text
-        )
-        if status == "finished":
-            emit(Finished(result))
-        elif status == "cancelled":
-            emit(Cancelled(result))
-        else:
-            emit(Failed(error))
-            raise RuntimeError(f"generation failed: {error} (partial results: {meta_path})")
-        return result
-
-    def _encode_prompts(self, request, prompts, phase, manager, need_text, emit):
+    def _encode_prompts(self):
         """Every distinct prompt once (cached by text), and the negative prompt (zeros when cfg is 1)."""
-        emit(StageStarted("text encoding"))
-        with phase("text_encoder") if need_text else contextlib.nullcontext():
-            embeddings = {p: self.c.encode_prompt(p) for p in prompts}
-        if need_text:
-            if manager is not None:
-                manager.drop("text_encoder")
+        self.emit(StageStarted("text encoding"))
+        with self.memory.use("text_encoder") if self.need_text else contextlib.nullcontext():
+            embeddings = {p: self.c.encode_prompt(p) for p in sorted(self.prompts)}
+        if self.need_text:
+            self.memory.drop("text_encoder")
             self.c.free_text_encoders()
+        request = self.request
         main = embeddings[parse_prompts(request.prompt)[0][1]]
-        neg = embeddings[request.negative_prompt] if request.cfg != 1 else main.zeros_like()
-        return embeddings, neg
+        return embeddings, embeddings[request.negative_prompt] if request.cfg != 1 else main.zeros_like()
 
-    def _encode_images(self, request, plan, phase, emit):
-        """Start latent (seeded), SigLIP states (blended with the end frame's), anchor latents, and
-        for a forward extension the input video's context latents."""
-        inputs, seed = plan.inputs, request.seed
-        emit(StageStarted("vae encoding"))
-        with phase("vae"):
-            start = (
-                None
-                if inputs.start is None
-                else vae.encode(self.c.vae, inputs.start, torch.Generator().manual_seed(seed))
-            )
+    def _encode_images(self):
+        """Start latent (seeded), SigLIP states (blended with the end frame's), anchor latents, and the
+        latents of the input video frames the schedule continues from."""
+        inputs, request, seed = self.plan.inputs, self.request, self.request.seed
+        self.emit(StageStarted("vae encoding"))
+        with self.memory.use("vae"):
+            start = None if inputs.start is None else vae.encode(self.c.vae, inputs.start, _seeded(seed))
             anchors = {}
-            for a in plan.anchors:
+            for a in self.plan.anchors:
                 image = inputs.end if a.source == "end" else inputs.keyframes[int(a.source.split()[1]) - 1]
-                latent = vae.encode(self.c.vae, image, torch.Generator().manual_seed(seed + a.boundary))
+                latent = vae.encode(self.c.vae, image, _seeded(seed + a.boundary))
                 anchors[a.video_section] = latent * (request.end_strength if a.source == "end" else 1.0)
             prefix = None
-            if inputs.video is not None and plan.schedule.direction == "forward":
-                tail = inputs.video.tail[-request.video_context_frames :]
-                prefix = vae.encode_frames(self.c.vae, tail, torch.Generator().manual_seed(seed))
-        emit(StageStarted("image encoding"))
-        with phase("image_encoder"):
+            if inputs.video_context is not None:
+                prefix = vae.encode_frames(self.c.vae, inputs.video_context, _seeded(seed))
+        self.emit(StageStarted("image encoding"))
+        with self.memory.use("image_encoder"):
             siglip = None if inputs.start is None else self.c.image_encoder.encode(inputs.start)
             if inputs.end is not None:
                 w = request.end_embedding_weight
                 siglip = (1 - w) * siglip + w * self.c.image_encoder.encode(inputs.end)
         return start, siglip, anchors, prefix
 
-    def _generate_start(self, request, plan, cond_of, neg, phase, emit, cancel):
-        """Text-to-video without a start image: sample one section with an empty start (zero latent,
-        zero image embedding) and use its first frame as the start image."""
-        h, w = plan.inputs.size
-        with phase("image_encoder"):
+    def _generate_start(self, blended: dict, neg):
+        """Text-to-video without a start image: sample one forward section from an empty start (zero
+        latent, zero image embedding), whatever the model's schedule, and use its first frame."""
+        h, w = self.plan.inputs.size
+        with self.memory.use("image_encoder"):
             blank = torch.zeros_like(self.c.image_encoder.encode(np.zeros((h, w, 3), np.uint8)))
-        key = (plan.prompts[0].prompt, None)
-        emb = cond_of.get(key) or next(iter(cond_of.values()))
-        cond = self.c.transformer_inputs(emb, blank, request.distilled_guidance)
-        uncond = self.c.transformer_inputs(neg, blank, request.distilled_guidance)
+        emb = blended.get((self.plan.prompts[0].prompt, None)) or next(iter(blended.values()))
+        guidance = self.request.distilled_guidance
+        cond = self.c.transformer_inputs(emb, blank, guidance)
+        uncond = self.c.transformer_inputs(neg, blank, guidance)
         zeros = torch.zeros(1, self.c.transformer.config.in_channels, 1, h // 8, w // 8)
-        forward = make_schedule("forward", request.window)
+        forward = ForwardSchedule(self.request.window)
         section = forward.sections(1)[0]
-        ctx = {k: v.to(self.device, self.c.transformer.dtype) if v.is_floating_point() else v.to(self.device)
-               for k, v in forward.context(forward.start(zeros), section).as_kwargs().items()}  # fmt: skip
-
-        def velocity(x, t, pass_name):
-            kw = cond if pass_name == "cond" else uncond
-            return self.c.transformer(hidden_states=x, timestep=t, **kw, **ctx).sample
-
-        rng = torch.Generator("cpu").manual_seed(request.seed + 1)
-        with phase("transformer"):
-            latents = self._sample(request, velocity, None, zeros.shape, rng, section, 1, 0, emit, cancel)
+        velocity = self._velocity(cond, uncond, forward.context(forward.start(zeros), section))
+        noise = self._noise(zeros.shape, torch.Generator("cpu").manual_seed(self.request.seed + 1))
+        with self.memory.use("transformer"):
+            latents = self._sample(velocity, noise, _Where(0, 1, 0), None)
         start = latents[:, :, :1].float().cpu()
-        with phase("vae"):
+        with self.memory.use("vae"):
             image = to_uint8_frames(vae.decode(self.c.vae, start))[0]
-        with phase("image_encoder"):
+        with self.memory.use("image_encoder"):
             siglip = self.c.image_encoder.encode(image)
         return start, siglip
 
-    @staticmethod
-    def _close_video(status, done, assembler, writer, state_dir, after=None) -> Path | None:
-        """Finished: the final MP4 (state removed). Stopped early: a playable MP4 of the finished sections;
-        a resumable job keeps its last snapshot and segments for a resume instead."""
-        try:
-            if status == "finished":
-                video = (assembler.finish_after(after) if after is not None else assembler.finish()) if done else None
-                if state_dir is not None:
-                    shutil.rmtree(state_dir, ignore_errors=True)
-                return video
-            if not done:
-                writer.abort()
-                return None
-            if state_dir is not None:
-                writer.keep_segments()  # the snapshot written after the last section stays playable
-                return writer.path
-            return assembler.finish()
-        except Exception:
-            writer.abort()
-            return None
+    # ---------------------------------------------------------------------------- sections
+    def open_video(self) -> None:
+        """A new writer and history, or the saved ones (the cross-fade edge re-decoded from the last
+        finished section's latents); an input video's frames go first."""
+        saved, inputs, schedule = self.saved, self.plan.inputs, self.schedule
+        parts = self.state_dir / jobstate.SEGMENTS if self.state_dir is not None else None
+        if saved is None:
+            self.history = schedule.start(self.cond.start, self.cond.prefix)
+            writer = SectionVideoWriter(self.video_path, fps=FPS, crf=self.request.crf, parts_dir=parts)
+        else:
+            self.history, self.done = saved.history, saved.sections_done
+            self.rng.set_state(saved.rng_state)
+            writer = SectionVideoWriter.restore(self.video_path, saved.writer, parts)
+        self.writer = writer
+        self.assembler = OverlapAssembler(writer, schedule.overlap(), schedule.grows_at)
+        if inputs.video is not None:
+            self.assembler.put_input_first(lambda: inputs.video.iter_frames(inputs.size), inputs.video.tail,
+                                           written=saved is not None)  # fmt: skip
+        if self.done:
+            with self.memory.use("vae"):
+                last = self._decode(self.plan.sections[self.done - 1])
+            self.assembler.restore(last, self.done)
+        self.c.transformer.step_cache = self.cache
+        self.started = True
 
-    def _sample(self, request, velocity, cache, start_shape, rng, section, count, frames_done, emit, cancel):
+    def pending(self) -> list[Section]:
+        return self.plan.sections[self.done :]
+
+    def section(self, section: Section) -> None:
+        """Sample one section, add it to the history, decode its new frames into the MP4, save state."""
+        self.cancel.check()
+        ts = time.perf_counter()
+        cond, count = self.cond, len(self.plan.sections)
+        context = self.schedule.context(self.history, section, cond.anchors.get(section.video_index))
+        prompt = self.plan.prompts[section.video_index]
+        velocity = self._velocity(cond.conds[(prompt.prompt, prompt.blend_from)], cond.uncond, context)
+        noise = self._noise(cond.start.shape, self.rng)
+        with self.memory.use("transformer"):
+            latents = self._sample(velocity, noise, _Where(section.index, count, self.writer.num_frames), self.cache)
+        self.history = self.schedule.append(self.history, section, latents)
+        td = time.perf_counter()
+        self.emit(StageStarted("decoding", section.index, count))
+        with self.memory.use("vae"):
+            decoded = self._decode(section)
+        self.assembler.add(decoded)
+        self.done += 1
+        if self.state_dir is not None:
+            jobstate.save(self.state_dir, request=self.request.to_json_dict(), model=self.pipe.spec.name,
+                          sections_done=self.done, video=self.video_path, writer=self.writer.state(),
+                          history=self.history, rng=self.rng)  # fmt: skip
+        release_host_memory()  # the decode's temporaries: keep RSS flat from section to section
+        self.timings["sections"].append(
+            {"sample_s": round(td - ts, 3), "decode_write_s": round(time.perf_counter() - td, 3)}
+        )
+        frames = self.writer.num_frames
+        self.emit(SectionDone(section.index, count, self.video_path, frames, frames / FPS))
+
+    def _decode(self, section: Section) -> torch.Tensor:
+        latents = self.schedule.to_decode(self.history, section)
+        return vae.decode(self.c.vae, latents, tiling=self.memory.tiled_decode)
+
+    def _noise(self, start_shape: tuple, rng: torch.Generator) -> torch.Tensor:
         b, c, _, h, w = start_shape
-        noise = torch.randn((b, c, request.window, h, w), generator=rng).to(self.device)
-        sigmas = sampling.flow_sigmas(request.steps, seq_len=request.window * h * w // 4, shift=request.shift)
+        return torch.randn((b, c, self.request.window, h, w), generator=rng).to(self.device)
+
+    def _velocity(self, cond: dict, uncond: dict, context) -> Callable:
+        """velocity(x, timestep, pass_name): the transformer on the section's context and the pass's inputs."""
+        transformer = self.c.transformer
+        dev, dt = self.device, transformer.dtype
+        ctx = {k: v.to(dev, dt) if v.is_floating_point() else v.to(dev) for k, v in context.as_kwargs().items()}
+        passes = {"cond": cond, "uncond": uncond}
+
+        def velocity(x, t, pass_name):
+            return transformer(hidden_states=x, timestep=t, **passes[pass_name], **ctx).sample
+
+        return velocity
+
+    def _sample(self, velocity: Callable, noise: torch.Tensor, where: _Where, cache: StepCache | None):
+        r = self.request
+        _, _, t, h, w = noise.shape
+        sigmas = sampling.flow_sigmas(r.steps, seq_len=t * h * w // 4, shift=r.shift)
         if cache is not None:
-            cache.reset(request.steps)
-        model = sampling.guided_model(
-            velocity, cfg=request.cfg, rescale=request.cfg_rescale, model_dtype=self.c.transformer.dtype,
-            on_pass=cache.select if cache is not None else None,
-        )  # fmt: skip
+            cache.reset(r.steps)
+        model = sampling.guided_model(velocity, cfg=r.cfg, rescale=r.cfg_rescale, model_dtype=self.c.transformer.dtype,
+                                      on_pass=cache.select if cache is not None else None)  # fmt: skip
 
         def progress(info: sampling.StepInfo) -> None:
-            emit(StepProgress(section.index, count, info.step + 1, info.total, frames_done, vae.preview(info.denoised)))
+            self.emit(StepProgress(where.section, where.sections, info.step + 1, info.total, where.frames_done,
+                                   vae.preview(info.denoised)))  # fmt: skip
 
-        emit(StageStarted("sampling", section.index, count))
-        run = sampling.sample_euler if request.sampler == "euler" else sampling.sample_unipc
-        kwargs = {} if request.sampler == "euler" else {"variant": "bh2" if request.sampler == "unipc-bh2" else "bh1"}
-        return run(model, noise, sigmas, callback=progress, check_cancel=cancel.check, **kwargs)
+        self.emit(StageStarted("sampling", where.section, where.sections))
+        return sampling.SAMPLERS[r.sampler](model, noise, sigmas, callback=progress, check_cancel=self.cancel.check)
 
-    _plan_text: str | None = None
+    # ---------------------------------------------------------------------------- ending
+    def stop(self, status: str, error: BaseException | None = None) -> None:
+        self.status, self.error = status, error
+
+    def release(self) -> None:
+        """Detach the step cache and give the job's device memory back (always, whatever happened)."""
+        self.c.transformer.step_cache = None
+        self.c.transformer.clear_section_cache()
+        self.memory.close()
+
+    def close(self) -> GenerationResult:
+        """Write the MP4 (finished, or the finished sections) and the sidecar; report the outcome."""
+        video = self._close_video()
+        if video is None and self.status == "finished":
+            self.status = "failed"
+        release_host_memory()
+        self.timings["total_s"] = round(time.perf_counter() - self.t0, 3)
+        peak_vram, peak_rss = peaks(self.device)
+        frames = self.writer.num_frames if video else 0
+        (height, width), request = self.plan.inputs.size, self.request
+        result = GenerationResult(self.status, video, self.meta_path, frames, frames / FPS, width, height, self.done,
+                                  len(self.plan.sections), request.seed, self.timings, peak_vram,
+                                  peak_rss)  # fmt: skip
+        error = None
+        if self.status == "failed":
+            error = f"{type(self.error).__name__}: {self.error}" if self.error else "the video could not be written"
+        write_metadata(result, RunInfo(
+            request, self.pipe.spec, self.device, self.c.transformer.dtype,
+            self.writer.effective_crf if self.writer else None, self.cache.report() if self.cache else None,
+            self.memory.describe(), error,
+        ))  # fmt: skip
+        if self.status == "finished":
+            self.emit(Finished(result))
+        elif self.status == "cancelled":
+            self.emit(Cancelled(result))
+        else:
+            self.emit(Failed(error))
+            raise GenerationFailed(f"generation failed: {error} (partial results: {self.meta_path})",
+                                   result) from self.error  # fmt: skip
+        return result
+
+    def _close_video(self) -> Path | None:
+        """Finished: the final MP4 (state removed). Stopped early: a playable MP4 of the finished sections;
+        a resumable job keeps its last snapshot and segments for a resume instead."""
+        writer = self.writer
+        if writer is None:
+            return None
+        try:
+            if self.status == "finished":
+                video = self.assembler.finish() if self.done else None
+                if self.state_dir is not None:
+                    shutil.rmtree(self.state_dir, ignore_errors=True)
+                return video
+            if not self.done:
+                writer.abort()
+                return None
+            if self.state_dir is not None:
+                writer.keep_segments()  # the snapshot written after the last section stays playable
+                return writer.path
+            return self.assembler.finish(complete=False)
+        except Exception as err:
+            writer.abort()
+            if self.error is None:
+                self.error = err
+            return None
+
+
+def _seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
 
 
 def load_pipeline(

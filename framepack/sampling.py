@@ -1,10 +1,10 @@
 """Flow-matching sampling: the shifted sigma schedule, UniPC (bh1/bh2), Euler, and the guidance wrapper.
 
-Contract: plain functions over tensors. A sampler takes a `ModelFn` mapping (x, sigma, step) to an
-x0 prediction, the starting noise at sigmas[0] and a strictly decreasing schedule; it knows nothing
-of the transformer, devices or files. `guided_model` turns a velocity function (the transformer
-behind a closure) into such a `ModelFn` with FramePack's guidance (distilled CFG lives in the
-transformer's kwargs; real CFG and its rescale live here).
+Contract: plain functions over tensors, registered by name in `SAMPLERS`. A sampler takes a
+`ModelFn` mapping (x, sigma, step) to an x0 prediction, the starting noise at sigmas[0] and a
+strictly decreasing schedule; it knows nothing of the transformer, devices or files. `guided_model`
+turns a velocity function (the transformer behind a closure) into such a `ModelFn` with FramePack's
+guidance (distilled CFG lives in the transformer's kwargs; real CFG and its rescale live here).
 
 Noise model (rectified flow): x_sigma = (1 - sigma) x0 + sigma eps, velocity v = eps - x0, so
 x0 = x - sigma v and the probability-flow ODE is dx/dsigma = (x - x0(x, sigma)) / sigma.
@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from itertools import pairwise
 
 import torch
@@ -239,6 +240,19 @@ def sample_euler(
         if callback is not None:
             callback(StepInfo(step=i, total=steps, sigma=sig[i], x=x, denoised=d))
     return d
+
+
+# ------------------------------------------------------------------------------------------ registry
+Sampler = Callable[..., torch.Tensor]
+"""sampler(model, noise, sigmas, *, callback=None, check_cancel=None) -> the final x0 prediction."""
+
+# name -> sampler: the one list the request, CLI, UI and API take their choices from. A new sampler is a
+# function with that signature, added here.
+SAMPLERS: dict[str, Sampler] = {
+    "unipc": partial(sample_unipc, variant="bh1"),  # the official default
+    "unipc-bh2": partial(sample_unipc, variant="bh2"),
+    "euler": sample_euler,
+}
 
 
 # ------------------------------------------------------------------------------------------ guidance

@@ -1,6 +1,7 @@
 """Section schedules: the order sections are generated in, what context each one sees, where it goes.
 
-Two strategies, chosen by the registry (never by `if variant == ...` in the loop):
+`Schedule` is the protocol (an abstract base class): everything the models differ in lives behind it,
+so no other module asks which schedule it has. Two implementations, chosen by the registry:
 
   InvertedSchedule  the original FramePack ("anti-drifting"): the video is built back to front. Every
                     section sees the start frame at index 0, a gap of `padding * window` unused RoPE
@@ -19,13 +20,16 @@ Adjacent decoded sections cross-fade over `4*lws - 3` frames.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 import torch
 
 CONTEXT_1X, CONTEXT_2X, CONTEXT_4X = 1, 2, 16  # history frames packed at each compression
 FPS = 30
 VAE_TIME_FACTOR = 4
+T = TypeVar("T")  # frames of an input video: a numpy array or a tensor, time first
 
 
 def section_count(seconds: float, window: int) -> int:
@@ -69,18 +73,19 @@ class Section:
 
 @dataclass(frozen=True)
 class Context:
-    """The transformer's context kwargs for one section (official names)."""
+    """The transformer's context kwargs for one section (official names). A part left None is not
+    passed at all (the official model accepts any subset of the 1x / 2x / 4x parts)."""
 
     latent_indices: torch.Tensor  # (1, window)
-    clean_latents: torch.Tensor  # (B, C, 2, h, w)
-    clean_latent_indices: torch.Tensor  # (1, 2)
-    clean_latents_2x: torch.Tensor  # (B, C, 2, h, w)
-    clean_latent_2x_indices: torch.Tensor  # (1, 2)
-    clean_latents_4x: torch.Tensor  # (B, C, 16, h, w)
-    clean_latent_4x_indices: torch.Tensor  # (1, 16)
+    clean_latents: torch.Tensor | None = None  # (B, C, 2, h, w)
+    clean_latent_indices: torch.Tensor | None = None  # (1, 2)
+    clean_latents_2x: torch.Tensor | None = None  # (B, C, 2, h, w)
+    clean_latent_2x_indices: torch.Tensor | None = None  # (1, 2)
+    clean_latents_4x: torch.Tensor | None = None  # (B, C, 16, h, w)
+    clean_latent_4x_indices: torch.Tensor | None = None  # (1, 16)
 
     def as_kwargs(self) -> dict[str, torch.Tensor]:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+        return {k: v for k in self.__dataclass_fields__ if (v := getattr(self, k)) is not None}
 
 
 @dataclass(frozen=True)
@@ -98,9 +103,31 @@ def _split(indices: torch.Tensor, widths: list[int]) -> list[torch.Tensor]:
     return list(indices.split(widths, dim=1))
 
 
-class _Schedule:
-    direction: str
-    window: int
+class ScheduleError(ValueError):
+    """A request a schedule cannot carry out (an end frame for F1, say); the message says why."""
+
+
+class Schedule(ABC):
+    """What a section schedule owns: everything the original and F1 models differ in.
+
+    The pipeline, the section controls, the inputs, the video assembler and the trainer only call
+    these; none of them asks which schedule it has. A new schedule (one-frame inference, say) is a new
+    subclass registered in `SCHEDULES`, not new branches elsewhere.
+
+      sections / sections_for   the generation order and where each section lands in the video
+      start / append            the bounded latent history: its start, and each section's latents into it
+      context                   the transformer's packed 1x / 2x / 4x context and frame indices (+ an anchor)
+      to_decode / overlap       which latents a finished section decodes, how many frames neighbours share
+      grows_at                  which end of the video a new section lands on ("end" or "start")
+      anchor_section / end_frame_section   which section an image pinned at a boundary conditions
+      extend                    what of an input video it continues from (start frame, context frames)
+    """
+
+    name: str  # registry name (`ModelSpec.schedule`)
+    grows_at: str  # "end": sections are appended to the video; "start": prepended (built back to front)
+    start_optional: bool = False  # still meaningful with the start frame zeroed (the no-anti-drifting baseline)
+    title_suffix: str = ""  # how front ends name the family ("FramePack" + suffix)
+    order_note: str | None = None  # what a user should know about the order sections appear in
 
     def __init__(self, window: int = 9) -> None:
         if not 1 <= window <= 33:
@@ -112,17 +139,70 @@ class _Schedule:
         # enough history for the packed context (1 + 2 + 16) and for decoding 2 windows (+1 at the start)
         return max(CONTEXT_1X + CONTEXT_2X + CONTEXT_4X, 2 * self.window + 1)
 
-    def sections(self, count: int) -> list[Section]:
-        raise NotImplementedError
+    def sections_for(self, seconds: float) -> list[Section]:
+        """The sections of a video of about `seconds` (the official count), in generation order."""
+        return self.sections(section_count(seconds, self.window))
+
+    def frames(self, sections: int) -> int:
+        """Pixel frames of a video of `sections` sections."""
+        return pixel_frames(sections, self.window)
 
     def overlap(self) -> int:
+        """Pixel frames two adjacent decoded sections share and cross-fade."""
         return overlap_frames(self.window)
 
+    @abstractmethod
+    def sections(self, count: int) -> list[Section]:
+        """`count` sections in generation order."""
 
-class InvertedSchedule(_Schedule):
-    """Original FramePack: back to front, with the padding schedule [3] + [2]*(N-3) + [1, 0] for N > 4."""
+    @abstractmethod
+    def start(self, start_latent: torch.Tensor, prefix: torch.Tensor | None = None) -> History:
+        """The history before the first section: the start latent (B, C, 1, h, w) and, when an input
+        video is continued, the latents of its last frames (`prefix`, (B, C, K, h, w); see `extend`)."""
 
-    direction = "backward"
+    @abstractmethod
+    def context(self, history: History, section: Section, anchor: torch.Tensor | None = None) -> Context:
+        """The section's packed context; `anchor` (B, C, 1, h, w) replaces its 1x history frame."""
+
+    @abstractmethod
+    def append(self, history: History, section: Section, generated: torch.Tensor) -> History:
+        """The history after `section` generated `generated` (B, C, window, h, w)."""
+
+    @abstractmethod
+    def to_decode(self, history: History, section: Section) -> torch.Tensor:
+        """The latents whose pixels `section` adds to the video (decoded together, then cross-faded)."""
+
+    @abstractmethod
+    def anchor_section(self, boundary: int, sections: int) -> int:
+        """The video-order section whose 1x context slot an image pinned at `boundary` (1..sections)
+        fills; ScheduleError (the reason, to follow "keyframe k at ...") where none can."""
+
+    @abstractmethod
+    def end_frame_section(self, sections: int) -> int:
+        """The video-order section an end frame conditions; ScheduleError where the schedule has none."""
+
+    @abstractmethod
+    def extend(self, first: T, tail: T, context_frames: int) -> tuple[T, T | None]:
+        """Continuing an input video (frames on the first axis): (the frame that becomes the start image,
+        the last frames to encode into the context or None) from its `first` frame and its `tail`."""
+
+
+class InvertedSchedule(Schedule):
+    """Original FramePack: back to front, with the padding schedule [3] + [2]*(N-3) + [1, 0] for N > 4.
+
+    Video extension: the input's last frame is the start image, so the generated video begins with it
+    (re-encoded) and follows the input; no more of the input is needed. Anchors: the image pinned at boundary j
+    is the clean "future" frame of video section j-1 (the section that ends there); the end frame is
+    the one at the last boundary.
+    """
+
+    name = "inverted"
+    grows_at = "start"
+    order_note = (
+        "Note that the ending actions will be generated before the starting actions due to the inverted "
+        "sampling. If the starting action is not in the video, you just need to wait, and more sections will "
+        "be generated."
+    )
 
     @staticmethod
     def paddings(count: int) -> list[int]:
@@ -137,7 +217,7 @@ class InvertedSchedule(_Schedule):
             for i, p in enumerate(self.paddings(count))
         ]
 
-    def start(self, start_latent: torch.Tensor) -> History:
+    def start(self, start_latent: torch.Tensor, prefix: torch.Tensor | None = None) -> History:
         b, c, _, h, w = start_latent.shape
         zeros = torch.zeros(b, c, self.keep, h, w, dtype=torch.float32)  # the "future" beyond the video's end
         return History(start_latent.float().cpu(), zeros, total=0)
@@ -175,11 +255,29 @@ class InvertedSchedule(_Schedule):
             return real
         return real[:, :, : 2 * self.window + (1 if section.is_last else 0)]
 
+    def anchor_section(self, boundary: int, sections: int) -> int:
+        return boundary - 1  # the section that ends at the boundary sees it as its nearest future frame
 
-class ForwardSchedule(_Schedule):
-    """F1: front to back; context = start frame + the most recent 16 / 2 / 1 frames at 4x / 2x / 1x."""
+    def end_frame_section(self, sections: int) -> int:
+        return sections - 1
 
-    direction = "forward"
+    def extend(self, first: T, tail: T, context_frames: int) -> tuple[T, T | None]:
+        return tail[-1], None
+
+
+class ForwardSchedule(Schedule):
+    """F1: front to back; context = start frame + the most recent 16 / 2 / 1 frames at 4x / 2x / 1x.
+
+    Video extension: the input's first frame stays the start image (the anchor against drift) and its
+    last `context_frames` frames are the recent past the first section continues from. Anchors: the
+    image pinned at boundary j replaces the newest past frame of video section j (the section that
+    starts there); there is no end frame.
+    """
+
+    name = "forward"
+    grows_at = "end"
+    start_optional = True
+    title_suffix = "-F1"
 
     def sections(self, count: int) -> list[Section]:
         lws = self.window
@@ -220,11 +318,22 @@ class ForwardSchedule(_Schedule):
             return real
         return real[:, :, -2 * self.window :]
 
+    def anchor_section(self, boundary: int, sections: int) -> int:
+        if boundary >= sections:
+            raise ScheduleError("is the end of the video: F1 has no section after it (the original can)")
+        return boundary  # the section that starts at the boundary sees it as its newest past frame
 
-SCHEDULES = {"inverted": InvertedSchedule, "forward": ForwardSchedule}
+    def end_frame_section(self, sections: int) -> int:
+        raise ScheduleError("an end frame needs the original (inverted) model: F1 only generates forward")
+
+    def extend(self, first: T, tail: T, context_frames: int) -> tuple[T, T | None]:
+        return first, tail[-context_frames:]
 
 
-def make_schedule(kind: str, window: int = 9) -> InvertedSchedule | ForwardSchedule:
+SCHEDULES: dict[str, type[Schedule]] = {cls.name: cls for cls in (InvertedSchedule, ForwardSchedule)}
+
+
+def make_schedule(kind: str, window: int = 9) -> Schedule:
     try:
         return SCHEDULES[kind](window)
     except KeyError:

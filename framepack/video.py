@@ -39,7 +39,7 @@ import tempfile
 import uuid
 import weakref
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -69,9 +69,6 @@ def _yuv420_frame(rgb: np.ndarray) -> av.VideoFrame:
             rows[:, plane.width :] = 0
             plane.update(rows)
     return frame
-
-
-_DIRECTIONS = ("forward", "backward")
 
 
 # ------------------------------------------------------------------------------------------ pixels
@@ -427,30 +424,57 @@ class SectionVideoWriter:
 
 
 # ------------------------------------------------------------------------------------------ assembler
+class _Growth:
+    """One end of the video that new sections grow: how a section joins the edge, what stays changeable."""
+
+    def __init__(self, side: str) -> None:
+        self.side = side  # the writer's "end" or "start"
+        self.at_end = side == "end"
+
+    def join(self, edge: torch.Tensor, new: torch.Tensor, overlap: int) -> torch.Tensor:
+        """The official blend: at the end `soft_append(history, new)`, at the start `soft_append(new, history)`."""
+        return soft_append(edge, new, overlap) if self.at_end else soft_append(new, edge, overlap)
+
+    def edge(self, pixels: torch.Tensor, keep: int) -> torch.Tensor:
+        """The `keep` frames on the growing side (the ones the next section blends into)."""
+        t = pixels.shape[2]
+        return pixels[:, :, t - keep :] if self.at_end else pixels[:, :, :keep]
+
+    def rest(self, pixels: torch.Tensor, keep: int) -> torch.Tensor:
+        """Everything but the edge: frames no later section changes."""
+        t = pixels.shape[2]
+        return pixels[:, :, : t - keep] if self.at_end else pixels[:, :, keep:]
+
+
+_GROWTH = {side: _Growth(side) for side in _SIDES}
+
+
 class OverlapAssembler:
     """Feeds decoded sections to a `SectionVideoWriter`, reproducing the official full-history blend.
 
-    The official loop keeps every pixel: forward (F1) `history = soft_append(history, new, overlap)`,
-    backward (original) `history = soft_append(new, history, overlap)`. A blend touches only the
-    `overlap` frames at the growing edge of the history, so we keep just those (float, on the CPU,
-    in the sections' dtype) and blend the new section with them: the result equals the official
-    history's affected frames value for value. Of it, all but the new edge is final.
+    The official loop keeps every pixel: growing at the end (F1) `history = soft_append(history, new,
+    overlap)`, at the start (original, built back to front) `history = soft_append(new, history,
+    overlap)`. A blend touches only the `overlap` frames at the growing edge of the history, so we keep
+    just those (float, on the CPU, in the sections' dtype) and blend the new section with them: the
+    result equals the official history's affected frames value for value. Of it, all but the new edge
+    is final. `grows_at` ("end" or "start") is the schedule's (`Schedule.grows_at`).
 
     The first section becomes pending except what lies beyond the edge (its frames furthest from the
     growing side). Every section must have the dtype, batch and size of the first, and from the
     second section on both it and the history must have at least `overlap` frames (as the official).
     """
 
-    def __init__(self, writer: SectionVideoWriter, overlap: int, direction: str) -> None:
+    def __init__(self, writer: SectionVideoWriter, overlap: int, grows_at: str) -> None:
         if isinstance(overlap, bool) or not isinstance(overlap, int) or overlap < 0:
             raise ValueError(f"overlap must be an int >= 0 (frames cross-faded between sections), got {overlap!r}")
-        if direction not in _DIRECTIONS:
-            raise ValueError(f"direction must be 'forward' (F1, appends) or 'backward' (original), got {direction!r}")
+        if grows_at not in _GROWTH:
+            raise ValueError(f"grows_at must be 'end' (sections appended) or 'start' (prepended), got {grows_at!r}")
         self.writer = writer
         self.overlap = overlap
-        self.direction = direction
+        self.growth = _GROWTH[grows_at]
         self._edge: torch.Tensor | None = None  # (B, 3, <=overlap, H, W): frames the next section blends
         self._sections = 0
+        self._input = None  # growing at the start: () -> chunks of an input video to put in front at the end
 
     def add(self, pixels: torch.Tensor) -> None:
         """Blend a newly decoded section (B, 3, T, H, W) float in [-1, 1] in, update the writer, snapshot."""
@@ -467,60 +491,56 @@ class OverlapAssembler:
             )
         if edge is not None and new.dtype != edge.dtype:
             raise ValueError(f"section dtype {new.dtype} differs from the earlier sections' {edge.dtype}")
-        if edge is None:
-            joined = new
-        elif self.direction == "forward":
-            joined = soft_append(edge, new, self.overlap)  # = official history[-len(edge):] onward
-        else:
-            joined = soft_append(new, edge, self.overlap)  # = official history[:len(joined)]
-
+        # at the end: = official history[-len(edge):] onward; at the start: = official history[:len(joined)]
+        joined = new if edge is None else self.growth.join(edge, new, self.overlap)
         keep = min(self.overlap, joined.shape[2])
-        fwd = self.direction == "forward"
-        final = joined[:, :, : joined.shape[2] - keep] if fwd else joined[:, :, keep:]
-        pending = joined[:, :, joined.shape[2] - keep :] if fwd else joined[:, :, :keep]
-        side = "end" if fwd else "start"
-        self.writer.add_final(to_uint8_frames(final), at=side)
-        self.writer.set_pending(to_uint8_frames(pending) if keep else None, at=side)
+        pending = self.growth.edge(joined, keep)
+        self.writer.add_final(to_uint8_frames(self.growth.rest(joined, keep)), at=self.growth.side)
+        self.writer.set_pending(to_uint8_frames(pending) if keep else None, at=self.growth.side)
         self.writer.write_snapshot()
         self._edge = pending.clone()  # a copy, so the rest of `joined` can be freed
         self._sections += 1
 
-    def finish(self) -> Path:
-        """The pending edge becomes final; returns the path of the finished MP4."""
-        if self._sections == 0:
-            raise ValueError("no sections were added; nothing to finish")
-        self._edge = None
-        return self.writer.finish()
+    def put_input_first(self, chunks, tail: np.ndarray, *, written: bool = False) -> None:
+        """The video continues an input video, whose frames come first.
 
-    def start_with(self, chunks, tail: np.ndarray) -> None:
-        """Forward extension: an input video's frames come first. `chunks` yields all its frames
-        ((T, H, W, 3) uint8 batches, in order); `tail` holds at least its last `overlap` frames, which
-        become the edge the first generated section cross-fades with, as between sections."""
-        if self.direction != "forward" or self._sections:
-            raise ValueError("start_with is for the forward direction, before the first section")
+        `chunks()` yields all its frames ((T, H, W, 3) uint8 batches, in order; called when they are
+        needed, so a long input is never held in memory); `tail` holds at least its last `overlap`
+        frames. Growing at the end, the input is written now, before the first section, and its last
+        `overlap` frames become the edge the first section cross-fades with, as between sections
+        (`written`: a resumed job, whose segments hold it already). Growing at the start, the generated
+        video begins with the input's last frame (its start image, re-encoded); at `finish` that frame
+        is dropped and the input put in front, unchanged.
+        """
+        if self._sections and not written:
+            raise ValueError("put_input_first comes before the first section")
+        if not self.growth.at_end:
+            self._input = chunks
+            return
+        if written:
+            return
         keep = min(self.overlap, len(tail))
-        total = 0
         pending: np.ndarray | None = None
-        for chunk in chunks:  # everything but the last `keep` frames is final
+        for chunk in chunks():  # everything but the last `keep` frames is final
             pending = chunk if pending is None else np.concatenate([pending, chunk])
             if len(pending) > keep:
                 self.writer.add_final(pending[: len(pending) - keep], at="end")
                 pending = pending[len(pending) - keep :]
-            total += len(chunk)
         edge = tail[len(tail) - keep :]
         self._edge = torch.from_numpy(edge.astype(np.float32) / 127.5 - 1).permute(3, 0, 1, 2)[None]  # (1,3,T,H,W)
         self.writer.set_pending(edge, at="end")
         self.writer.write_snapshot()
-        self.input_frames = total
 
-    def finish_after(self, chunks) -> Path:
-        """Backward extension: finish with an input video in front. The generated video starts with the
-        re-encoded last input frame, which is dropped; the input frames are prepended unchanged."""
-        if self.direction != "backward" or self._edge is None:
-            raise ValueError("finish_after is for the backward direction, after the sections")
-        self.writer.add_final(to_uint8_frames(self._edge[:, :, 1:]), at="start")
-        self.writer.set_pending(None, at="start")
-        self.writer.prepend(chunks)
+    def finish(self, *, complete: bool = True) -> Path:
+        """The pending edge becomes final; returns the path of the finished MP4. `complete=False`: the
+        job stopped early, so a video growing at the start does not reach an input video yet and it
+        is not put in front."""
+        if self._sections == 0:
+            raise ValueError("no sections were added; nothing to finish")
+        if complete and self._input is not None:
+            self.writer.add_final(to_uint8_frames(self._edge[:, :, 1:]), at="start")
+            self.writer.set_pending(None, at="start")
+            self.writer.prepend(self._input())
         self._edge = None
         return self.writer.finish()
 
@@ -533,11 +553,9 @@ class OverlapAssembler:
         """
         pixels = last_section.detach().cpu()
         keep = min(self.overlap, pixels.shape[2])
-        fwd = self.direction == "forward"
-        edge = pixels[:, :, pixels.shape[2] - keep :] if fwd else pixels[:, :, :keep]
-        self._edge = edge.clone()
+        self._edge = self.growth.edge(pixels, keep).clone()
         self._sections = sections
-        self.writer.set_pending(to_uint8_frames(edge) if keep else None, at="end" if fwd else "start")
+        self.writer.set_pending(to_uint8_frames(self._edge) if keep else None, at=self.growth.side)
 
 
 def _describe(x: object) -> str:
@@ -547,6 +565,32 @@ def _describe(x: object) -> str:
 
 
 # ------------------------------------------------------------------------------------------ reading
+def resample(timed: Iterable[tuple[np.ndarray, float]], fps: int = 30) -> Iterator[np.ndarray]:
+    """Frames at a constant `fps` from decoded frames with their presentation times (seconds, increasing).
+
+    Times count from the first frame's. Tick k (at k / fps) shows the frame nearest to it in time, the
+    later one on a tie (a tick exactly between two frames); ticks run up to the last frame's time, and
+    the last frame always appears at least once (at the first tick nearer to it than to its
+    predecessor). A 30 fps input comes back frame for frame; 60 fps keeps every other frame; 24 fps
+    repeats every fourth. The one rule for inference inputs and training data (framepack.inputs).
+    """
+    tick, last, last_t, t0 = 0, None, 0.0, None
+    for frame, t in timed:
+        t0 = t if t0 is None else t0
+        t -= t0
+        if last is not None:
+            while tick / fps < (last_t + t) / 2:  # ticks nearer the previous frame
+                yield last
+                tick += 1
+        last, last_t = frame, t
+    if last is not None:
+        yield last
+        tick += 1
+        while tick / fps <= last_t + 1e-6:
+            yield last
+            tick += 1
+
+
 def _open_video(path: str | os.PathLike) -> tuple[Path, av.container.InputContainer]:
     p = Path(path)
     if not p.is_file():

@@ -14,6 +14,7 @@ from framepack.config import GenerationRequest, RequestError
 from framepack.controls import ControlError, parse_prompts, place_anchors, prompts_per_section, snap
 from framepack.encoders import pad_text
 from framepack.pipeline import load_pipeline
+from framepack.sections import make_schedule
 from framepack.video import probe, read_frames
 
 # ------------------------------------------------------------------------------------- parsing
@@ -77,26 +78,27 @@ ANCHOR_TABLES = [
 
 @pytest.mark.parametrize("n,schedule,keyframes,end,expected", ANCHOR_TABLES)
 def test_anchor_placement_tables(n, schedule, keyframes, end, expected):
-    got = place_anchors(keyframes, n, 9, schedule, end_frame=end)
+    got = place_anchors(keyframes, make_schedule(schedule, 9), n, end_frame=end)
     assert [(a.source, a.boundary, a.video_section, round(a.seconds, 6)) for a in got] == expected
 
 
 @pytest.mark.parametrize(
     "args,message",
     [
-        (([0.3], 4, 9, "inverted"), "start of the video: use it as the start image"),
-        (([4.8], 4, 9, "forward"), "F1 has no section after it"),
-        (([9.0], 4, 9, "inverted"), "outside the 4.80s video"),
-        (([1.2, 1.3], 4, 9, "forward"), "same section as another keyframe"),
+        (([0.3], "inverted", 4), "start of the video: use it as the start image"),
+        (([4.8], "forward", 4), r"keyframe 1 at 4\.8s \(snapped to 4\.80s\) is the end of the video: F1 has no"),
+        (([9.0], "inverted", 4), "outside the 4.80s video"),
+        (([1.2, 1.3], "forward", 4), "same section as another keyframe"),
     ],
 )
 def test_anchor_errors(args, message):
+    times, kind, n = args
     with pytest.raises(ControlError, match=message):
-        place_anchors(*args, end_frame=False)
+        place_anchors(times, make_schedule(kind, 9), n, end_frame=False)
     with pytest.raises(ControlError, match="end frame needs the original"):
-        place_anchors([], 4, 9, "forward", end_frame=True)
+        place_anchors([], make_schedule("forward", 9), 4, end_frame=True)
     with pytest.raises(ControlError, match="falls on the end frame"):
-        place_anchors([4.7], 4, 9, "inverted", end_frame=True)
+        place_anchors([4.7], make_schedule("inverted", 9), 4, end_frame=True)
 
 
 # ------------------------------------------------------------------- what the transformer receives
@@ -206,12 +208,37 @@ def test_prompt_blend_uses_the_average_embedding(env, tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------- text-to-video
-@pytest.mark.parametrize("model,start", [("tiny", "color:#30a050"), ("tiny-f1", "generate")])
-def test_text_to_video_runs_without_an_image(env, tmp_path, model, start):
+@pytest.mark.parametrize("model,start", [("tiny", "color:#30a050"), ("tiny-f1", "generate"), ("tiny", "generate")])
+def test_text_to_video_runs_without_an_image(env, tmp_path, monkeypatch, model, start):
+    """The start frame every section sees: the plain colour, or the first frame of a section sampled
+    first from an empty start (zero latent and image embedding), whose SigLIP states then condition."""
+    from framepack.video import to_uint8_frames
+
     pipes, _ = env
+    pipe = pipes[model]
     req = GenerationRequest(prompt="a ball bounces", steps=1, seconds=2.4, t2v_start=start, output=str(tmp_path))
-    result = pipes[model].generate(req)
+    velocities = []
+    hook = pipe.c.transformer.register_forward_hook(lambda m, a, out: velocities.append(out.sample.clone()))
+    try:
+        result, encoded, siglips, calls = _run(pipe, req, monkeypatch)
+    finally:
+        hook.remove()
     assert result.status == "finished" and probe(result.video)["frames"] == 73 and req.image is None
+    if start.startswith("color:"):
+        frame = np.full((64, 64, 3), (0x30, 0xA0, 0x50), np.uint8)  # the bucket of base 64 for a square
+        start_latent, image_emb = encoded[_key(frame)], siglips[_key(frame)]
+        sections = calls
+    else:
+        first, sections = calls[0], calls[1:]
+        assert first["clean_latents"].abs().max() == 0 and first["image_embeddings"].abs().max() == 0
+        # one step at sigma 1: x0 = x - v; the start latent is its first frame, decoded for SigLIP
+        start_latent = (first["hidden_states"] - velocities[0])[:, :, :1]
+        frame = to_uint8_frames(vae_mod.decode(pipe.c.vae, start_latent))[0]
+        image_emb = siglips[_key(frame)]
+    assert len(sections) == 2  # one step for each of the 2 sections
+    for call in sections:
+        assert torch.allclose(call["clean_latents"][:, :, :1], start_latent, atol=1e-6)
+        assert torch.equal(call["image_embeddings"], image_emb)
 
 
 # ---------------------------------------------------------------------------------- extension

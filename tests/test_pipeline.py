@@ -181,11 +181,28 @@ def test_real_cfg_and_rescale_run_two_passes(pipes, image_path, tmp_path):
     assert len(calls) == 2 * 3  # cond and uncond per step, one section
 
 
-def test_teacache_and_samplers(pipes, image_path, tmp_path):
+def test_teacache_and_samplers(pipes, image_path, tmp_path, monkeypatch):
+    """Each sampler name runs that sampler of the registry (spied) and gives its own latents; TeaCache
+    skips some steps under each, and the sidecar reports what it computed."""
+    from framepack import sampling
+
+    called = []
+    for name, fn in list(sampling.SAMPLERS.items()):
+        spy = lambda *a, fn=fn, name=name, **k: called.append(name) or fn(*a, **k)  # noqa: E731
+        monkeypatch.setitem(sampling.SAMPLERS, name, spy)
+    seen = _capture_latents(monkeypatch)
+    finals = {}
     for sampler in ("unipc", "unipc-bh2", "euler"):
         r = pipes["tiny-f1"].generate(_request(image_path, tmp_path, steps=6, teacache=True, sampler=sampler))
         meta = json.loads(r.metadata.read_text())
         assert r.status == "finished" and 0 < meta["teacache_computed_fraction"] < 1  # some steps skipped
+        cache = meta["step_cache"]
+        assert cache["name"] == "teacache" and cache["threshold"] == 0.15 and 0 < cache["computed"] < cache["calls"]
+        assert called == [sampler] * r.sections  # one run per section
+        called.clear()
+        finals[sampler] = seen[-1]
+    a, b, c = finals.values()
+    assert not torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(b, c)
 
 
 def test_stage_events_name_sections(pipes, image_path, tmp_path):

@@ -55,11 +55,11 @@ def reference_blend(a: torch.Tensor, b: torch.Tensor, overlap: int) -> torch.Ten
     return torch.stack(frames, dim=2)
 
 
-def official_history(sections: list[torch.Tensor], direction: str, overlap: int) -> torch.Tensor:
+def official_history(sections: list[torch.Tensor], grows_at: str, overlap: int) -> torch.Tensor:
     """The official demos' loop: keep every pixel and blend each new section into all of it."""
     history = sections[0]
     for new in sections[1:]:
-        history = soft_append(history, new, overlap) if direction == "forward" else soft_append(new, history, overlap)
+        history = soft_append(history, new, overlap) if grows_at == "end" else soft_append(new, history, overlap)
     return history
 
 
@@ -86,6 +86,9 @@ class SpyWriter:
 
     def write_snapshot(self) -> None:
         self.snapshots.append(self.video())
+
+    def prepend(self, chunks) -> None:
+        self.final = [f for chunk in chunks for f in chunk] + self.final
 
     def finish(self) -> str:
         self.final = list(self.video())
@@ -175,50 +178,50 @@ def test_to_uint8_frames_rejects_bad_input(bad):
 
 
 # ------------------------------------------------------------------------------------------ assembler
-@pytest.mark.parametrize("direction,sizes", [("forward", FORWARD_SIZES), ("backward", BACKWARD_SIZES)])
-def test_assembler_equals_official_full_history(direction, sizes):
+@pytest.mark.parametrize("grows_at,sizes", [("end", FORWARD_SIZES), ("start", BACKWARD_SIZES)])
+def test_assembler_equals_official_full_history(grows_at, sizes):
     sections = [
         torch.rand(1, 3, t, 4, 6, generator=torch.Generator().manual_seed(i)) * 2.2 - 1.1 for i, t in enumerate(sizes)
     ]
     spy = SpyWriter()
-    asm = OverlapAssembler(spy, OVERLAP, direction)
+    asm = OverlapAssembler(spy, OVERLAP, grows_at)
     for k, section in enumerate(sections):
         asm.add(section)
-        expected = to_uint8_frames(official_history(sections[: k + 1], direction, OVERLAP))
+        expected = to_uint8_frames(official_history(sections[: k + 1], grows_at, OVERLAP))
         assert len(spy.snapshots) == k + 1
         np.testing.assert_array_equal(spy.snapshots[-1], expected)
         # memory: only the edge stays, on the side the next section blends into
         assert spy.pending is not None and len(spy.pending) == min(OVERLAP, expected.shape[0])
-        assert spy.pending_at == ("end" if direction == "forward" else "start")
+        assert spy.pending_at == grows_at
         edge = asm._edge  # the assembler holds the edge alone, not a view into the whole blended section
         assert edge.shape[2] == len(spy.pending) and edge.untyped_storage().nbytes() == edge.numel() * 4
     assert asm.finish() == "done" and spy.finished
-    np.testing.assert_array_equal(np.stack(spy.final), to_uint8_frames(official_history(sections, direction, OVERLAP)))
+    np.testing.assert_array_equal(np.stack(spy.final), to_uint8_frames(official_history(sections, grows_at, OVERLAP)))
     # frame counts of the spec: F1 9 + 8k, original 5 then +8 per section and +12 in the last
-    assert len(spy.final) == (9 + 8 * 3 if direction == "forward" else 5 + 8 + 8 + 12)
+    assert len(spy.final) == (9 + 8 * 3 if grows_at == "end" else 5 + 8 + 8 + 12)
 
 
-@pytest.mark.parametrize("direction", ["forward", "backward"])
-def test_assembler_fp16_and_overlap_zero(direction):
+@pytest.mark.parametrize("grows_at", ["end", "start"])
+def test_assembler_fp16_and_overlap_zero(grows_at):
     sections = [smooth_section(t, seed=i).half() for i, t in enumerate([7, 9, 6])]
     for overlap in (0, 3):
         spy = SpyWriter()
-        asm = OverlapAssembler(spy, overlap, direction)
+        asm = OverlapAssembler(spy, overlap, grows_at)
         for s in sections:
             asm.add(s)
         asm.finish()
-        expected = to_uint8_frames(official_history(sections, direction, overlap))
+        expected = to_uint8_frames(official_history(sections, grows_at, overlap))
         np.testing.assert_array_equal(np.stack(spy.final), expected)
 
 
 def test_assembler_rejects_bad_input_without_changing_state():
-    with pytest.raises(ValueError, match="direction"):
+    with pytest.raises(ValueError, match="grows_at must be"):
         OverlapAssembler(SpyWriter(), 5, "sideways")
     for overlap in (-1, 2.5, True):
         with pytest.raises(ValueError, match="overlap"):
-            OverlapAssembler(SpyWriter(), overlap, "forward")
+            OverlapAssembler(SpyWriter(), overlap, "end")
     spy = SpyWriter()
-    asm = OverlapAssembler(spy, 3, "forward")
+    asm = OverlapAssembler(spy, 3, "end")
     with pytest.raises(ValueError, match="no sections"):
         asm.finish()
     for bad in (torch.zeros(1, 3, 4, 4, 6, dtype=torch.uint8), torch.zeros(3, 4, 4, 6), torch.zeros(1, 1, 4, 4, 6)):
@@ -236,16 +239,60 @@ def test_assembler_rejects_bad_input_without_changing_state():
     assert len(spy.snapshots) == 1
 
 
+def _levels(n: int, start: int = 0) -> np.ndarray:
+    """n frames (T, H, W, 3) uint8, frame i a flat grey of level 10 * (start + i)."""
+    return np.stack([np.full((4, 6, 3), 10 * (start + i), np.uint8) for i in range(n)])
+
+
+def _grey(frames: np.ndarray) -> list[int]:
+    return [int(f[0, 0, 0]) for f in frames]
+
+
+def test_input_video_comes_first_on_both_sides():
+    """A continued input video: growing at the end, its frames are written first and the first section
+    cross-fades with its last `overlap` frames (float64 reference blend); growing at the start, the
+    finished video is the input followed by the generated frames after their first (the input's last
+    frame, re-encoded); a job stopped early gets no input in front."""
+    video = _levels(8)
+    chunks = lambda: iter([video[:5], video[5:]])  # noqa: E731
+    new = torch.linspace(-0.5, 0.5, 6, dtype=torch.float64).view(1, 1, 6, 1, 1).expand(1, 3, 6, 4, 6).float()
+    spy = SpyWriter()
+    asm = OverlapAssembler(spy, 3, "end")
+    asm.put_input_first(chunks, video[-3:])
+    assert _grey(spy.snapshots[-1]) == _grey(video) and len(spy.final) == 5  # the last 3 stay changeable
+    asm.add(new)
+    asm.finish()
+    edge = torch.from_numpy(video[-3:].astype(np.float64) / 127.5 - 1).permute(3, 0, 1, 2)[None]
+    expected = to_uint8_frames(reference_blend(edge, new.double(), 3).float())
+    np.testing.assert_array_equal(np.stack(spy.final[:5]), video[:5])
+    np.testing.assert_array_equal(np.stack(spy.final[5:]), expected)
+    # resumed: the input is in the writer's segments already; nothing is written again
+    spy = SpyWriter()
+    asm = OverlapAssembler(spy, 3, "end")
+    asm.put_input_first(chunks, video[-3:], written=True)
+    assert spy.final == [] and spy.snapshots == []
+
+    section = to_uint8_frames(new[:, :, :5])  # the original's first (here: only) section, 5 frames
+    for complete, want in ((True, _grey(video) + _grey(section[1:])), (False, _grey(section))):
+        spy = SpyWriter()
+        asm = OverlapAssembler(spy, 3, "start")
+        asm.put_input_first(chunks, video[-3:])
+        assert spy.final == [] and spy.snapshots == []  # nothing of the input before the end
+        asm.add(new[:, :, :5])
+        asm.finish(complete=complete)
+        assert _grey(spy.final) == want
+
+
 # ------------------------------------------------------------------------------------------ files
-@pytest.mark.parametrize("direction,sizes", [("forward", FORWARD_SIZES), ("backward", BACKWARD_SIZES)])
-def test_writer_snapshots_and_final_file(tmp_path, direction, sizes):
+@pytest.mark.parametrize("grows_at,sizes", [("end", FORWARD_SIZES), ("start", BACKWARD_SIZES)])
+def test_writer_snapshots_and_final_file(tmp_path, grows_at, sizes):
     path = tmp_path / "video.mp4"
     sections = [smooth_section(t, seed=10 + i) for i, t in enumerate(sizes)]
     writer = SectionVideoWriter(path, fps=30, crf=16)
-    asm = OverlapAssembler(writer, OVERLAP, direction)
+    asm = OverlapAssembler(writer, OVERLAP, grows_at)
     for k, section in enumerate(sections):
         asm.add(section)
-        expected = to_uint8_frames(official_history(sections[: k + 1], direction, OVERLAP))
+        expected = to_uint8_frames(official_history(sections[: k + 1], grows_at, OVERLAP))
         assert writer.num_frames == expected.shape[0]
         assert probe(path)["frames"] == expected.shape[0]
         got = read_frames(path)
@@ -253,7 +300,7 @@ def test_writer_snapshots_and_final_file(tmp_path, direction, sizes):
         assert np.abs(got.astype(int) - expected).mean() < 3
         assert files_in(tmp_path)[0].startswith(".video.mp4.") and len(files_in(tmp_path)) == 2  # segments, video
     assert asm.finish() == path
-    expected = to_uint8_frames(official_history(sections, direction, OVERLAP))
+    expected = to_uint8_frames(official_history(sections, grows_at, OVERLAP))
     got = read_frames(path)
     assert got.shape == expected.shape
     assert np.abs(got.astype(int) - expected).mean() < 3
@@ -331,7 +378,7 @@ def test_crf0_still_plays_in_common_players(tmp_path):
 def test_encoding_work_is_linear(tmp_path):
     """Each section encodes its new frames plus the pending edge, however long the video already is."""
     writer = SectionVideoWriter(tmp_path / "long.mp4")
-    asm = OverlapAssembler(writer, OVERLAP, "forward")
+    asm = OverlapAssembler(writer, OVERLAP, "end")
     steps = []
     n = 10
     for i in range(n):
@@ -444,3 +491,62 @@ def test_writer_without_frames_and_context_manager(tmp_path):
         w.add_final(moving_frames(2, 0))
         raise KeyError("pipeline failed")
     assert files_in(tmp_path) == []
+
+
+# ------------------------------------------------------------------------------------------ resampling
+# (presentation times in seconds) -> indices of the frames shown at 30 fps, worked out by hand: tick k
+# at k/30 s (from the first frame) shows the nearest frame, the later one on a tie; ticks run to the last
+# frame's time, and the last frame appears at least once.
+RESAMPLE_TABLES = [
+    ([k / 30 for k in range(5)], [0, 1, 2, 3, 4]),  # 30 fps: frame for frame
+    ([7.0 + k / 30 for k in range(4)], [0, 1, 2, 3]),  # a stream that starts at 7 s: times count from its first frame
+    ([k / 60 for k in range(6)], [0, 2, 4, 5]),  # 60 fps: every other; 5/60 s is nearer frame 5 than frame 4
+    # 24 fps (frames at 0, .042, .083, .125, .167, .208): ticks 0, .033, .067, .1, .133, .167, .2 are
+    # nearest to frames 0, 1, 2, 2, 3, 4, 5
+    ([k / 24 for k in range(6)], [0, 1, 2, 2, 3, 4, 5]),
+    ([0.0, 1 / 15], [0, 1, 1]),  # a tie at 1/30 goes to the later frame; tick 2 at 1/15 shows frame 1
+    ([0.0], [0]),  # a single frame
+    ([0.0, 0.01], [0, 1]),  # the last frame appears even when no tick falls at or before it
+]
+
+
+@pytest.mark.parametrize("times,expected", RESAMPLE_TABLES)
+def test_resample_to_30_fps_by_hand(times, expected):
+    from framepack.video import resample
+
+    frames = [np.full((2, 2, 3), i, np.uint8) for i in range(len(times))]
+    got = [int(f[0, 0, 0]) for f in resample(zip(frames, times), 30)]
+    assert got == expected
+
+
+def _write_indexed_video(path, fps: int, count: int, start_pts: int = 0) -> None:
+    """An MP4 at `fps` whose frame i is a flat grey of level 10 * i (readable back through the codec)."""
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        stream.options = {"crf": "0"}
+        for i in range(count):
+            frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 10 * i, np.uint8), format="rgb24")
+            frame.pts = start_pts + i
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+
+
+@pytest.mark.parametrize("fps,count,expected", [
+    (24, 6, [0, 1, 2, 2, 3, 4, 5]),  # the 24 fps row of the table above, through a real file
+    (60, 6, [0, 2, 4, 5]),
+    (30, 4, [0, 1, 2, 3]),
+])  # fmt: skip
+def test_inference_and_training_read_videos_alike(tmp_path, fps, count, expected):
+    """One reader and one rule: the engine's input frames and a training dataset's frames are the same."""
+    from framepack.inputs import read_video_frames
+    from framepack.train.data import read_video
+
+    path = tmp_path / f"v{fps}.mp4"
+    _write_indexed_video(path, fps, count, start_pts=3)  # not starting at 0: times count from the first frame
+    engine = [round(f.astype(float).mean() / 10) for f in read_video_frames(path)]
+    assert engine == expected
+    train = read_video(path, 64)  # cropped to a bucket of base 64 (64x64 for a square input)
+    assert [round(f.astype(float).mean() / 10) for f in train] == expected

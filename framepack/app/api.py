@@ -44,7 +44,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 import framepack
-from framepack.config import GenerationRequest, RequestError
+from framepack.config import REQUEST_FIELDS, GenerationRequest, RequestError
 from framepack.images import ImageError
 from framepack.jobs import (
     STATES,
@@ -65,18 +65,24 @@ _KEEPALIVE_S = 15.0
 
 # ------------------------------------------------------------------------------------- models
 def _params_model() -> type[BaseModel]:
-    """A pydantic model with one field per client-settable GenerationRequest field (types and
-    defaults taken from the dataclass), so new request fields appear in the API and its schema."""
+    """A pydantic model with one field per client-settable GenerationRequest field: types and defaults
+    from the dataclass, descriptions, ranges and choices from `REQUEST_FIELDS` (documentation in the
+    schema; the engine's own check gives the error messages, the same as the CLI's)."""
     hints = typing.get_type_hints(GenerationRequest)
     fields: dict[str, Any] = {}
     for f in request_fields():
+        info = REQUEST_FIELDS[f.name]
+        extra: dict[str, Any] = {}
+        if info.range is not None:
+            extra.update(minimum=info.range[0], maximum=info.range[1])
+        if info.choices is not None:
+            extra["enum"] = list(info.choices)
+        kw: dict[str, Any] = {"description": info.help, "json_schema_extra": extra or None}
         if f.default is not dataclasses.MISSING:
-            default = f.default
+            kw["default"] = f.default
         elif f.default_factory is not dataclasses.MISSING:
-            default = Field(default_factory=f.default_factory)
-        else:
-            default = ...
-        fields[f.name] = (hints[f.name], default)
+            kw["default_factory"] = f.default_factory
+        fields[f.name] = (hints[f.name], Field(**kw))
     return create_model(
         "JobParams",
         __config__=ConfigDict(extra="forbid"),

@@ -13,6 +13,8 @@ import threading
 import time
 from pathlib import Path
 
+from framepack.config import CONTROLS
+
 
 def _user_errors() -> tuple[type[Exception], ...]:
     """Exceptions that describe a user's mistake: printed as one line, never as a traceback."""
@@ -26,40 +28,20 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 
 def _add_generate(sub) -> None:
-    from framepack.config import SAMPLERS
+    from framepack.config import REQUEST_FIELDS
     from framepack.registry import REGISTRY
 
     p = sub.add_parser("generate", help="image-to-video generation", description="Generate a video from an image.")
-    p.add_argument("--image", help="start image (PNG, JPEG, WebP, ...)")
-    p.add_argument("--prompt", help="what happens in the video")
-    p.add_argument("--negative-prompt", help="used only with --cfg > 1")
+    groups: dict = {}
+    for name, info in REQUEST_FIELDS.items():  # one flag per request field, help and checks from the field table
+        if info.group and info.group not in groups:
+            groups[info.group] = p.add_argument_group(info.group)
+        _add_request_flag(groups.get(info.group, p), name, info)
     p.add_argument("--model", default=None, choices=sorted(REGISTRY), help="default: original (tiny with --from none)")
-    p.add_argument("--seconds", type=float, help="video length in seconds (default 5)")
-    p.add_argument("--seed", type=int, help="random seed (default 31337)")
-    p.add_argument("--steps", type=int, help="sampling steps per section (default 25)")
-    p.add_argument("--gs", type=float, dest="distilled_guidance", help="distilled CFG scale (default 10)")
-    p.add_argument("--cfg", type=float, help="real CFG scale; 1 = off (default 1)")
-    p.add_argument("--rs", type=float, dest="cfg_rescale", help="CFG re-scale (default 0)")
-    p.add_argument("--teacache", action=argparse.BooleanOptionalAction, default=None, help="TeaCache (default on)")
-    p.add_argument("--teacache-threshold", type=float, help="TeaCache threshold (default 0.15)")
-    p.add_argument("--window", type=int, help="latent window size (default 9)")
-    p.add_argument("--resolution", type=int, help="bucket base in pixels (640 for the real models, 64 for tiny)")
-    p.add_argument("--crf", type=int, help="MP4 quality, lower is better (default 16)")
-    p.add_argument("--sampler", choices=SAMPLERS, help="default unipc (bh1)")
-    p.add_argument("--shift", type=float, help="explicit flow shift (default: from the resolution, capped at 7)")
-    p.add_argument("--out", dest="output", help="output folder (default ./outputs) or a path ending in .mp4")
     p.add_argument("--from", dest="from_json", help="re-run the request stored in a result .json (flags override)")
-    c = p.add_argument_group("section controls")
+    c = groups[CONTROLS]
     c.add_argument("--prompts-file", help="timestamped prompts, one '[TIME: prompt]' or 'TIME: prompt' per line")
-    c.add_argument("--prompt-blend", action="store_true", default=None, help="blend prompts over one section")
-    c.add_argument("--end-image", help="original model: the video ends towards this image")
-    c.add_argument("--end-strength", type=float, help="how strongly the end frame is held, 0..1 (default 1)")
-    c.add_argument("--end-weight", type=float, dest="end_embedding_weight",
-                   help="the end image's share of the image embedding, 0..1 (default 0.5: average)")  # fmt: skip
-    c.add_argument("--keyframe", action="append", metavar="TIME=IMAGE", help="pin an image at a time (repeatable)")
-    c.add_argument("--video", help="extend this video (MP4, WebM, GIF) instead of starting from an image")
-    c.add_argument("--video-context-frames", type=int, help="input frames that feed the context (default 73)")
-    c.add_argument("--t2v-start", help="text-to-video start frame: color:#RRGGBB (default #808080) or generate")
+    c.add_argument("--keyframe", action="append", metavar="TIME=IMAGE", help=REQUEST_FIELDS["keyframes"].help)
     p.add_argument("--device", help="cuda, cpu or mps (default: cuda when available)")
     p.add_argument("--models-dir", help="local copies of the weight repos, laid out as DIR/<org>/<name>")
     p.add_argument("--offline", action="store_true", help="never download; use cached or local weights only")
@@ -75,6 +57,30 @@ def _add_generate(sub) -> None:
                    help="device memory management (auto: on accelerators)")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_generate)
+
+
+def _add_request_flag(p, name: str, info) -> None:
+    """`--field-name` (or the field's own flag) for a GenerationRequest field; unset flags stay None, so
+    `--from` and the request's defaults fill them."""
+    import typing
+
+    from framepack.config import GenerationRequest
+
+    if not info.cli:
+        return
+    default = {f.name: f.default for f in dataclasses.fields(GenerationRequest)}[name]
+    kind = typing.get_type_hints(GenerationRequest)[name]
+    kind = next((t for t in typing.get_args(kind) if t is not type(None)), kind)  # X | None -> X
+    if isinstance(default, bool):
+        shown = "on" if default else "off"
+    else:
+        shown = f"{default:g}" if isinstance(default, float) else default if default not in (None, "") else None
+    help_text = info.help + (f" (default {shown})" if shown is not None else "")
+    flag = info.flag or "--" + name.replace("_", "-")
+    if kind is bool:
+        p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+    else:
+        p.add_argument(flag, dest=name, type=kind, choices=info.choices, default=None, help=help_text)
 
 
 def _build_request(args: argparse.Namespace):

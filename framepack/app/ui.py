@@ -29,19 +29,14 @@ from typing import Any
 
 import gradio as gr
 
-from framepack.config import SAMPLERS, GenerationRequest
+from framepack.config import REQUEST_FIELDS, GenerationRequest
 from framepack.jobs import INPUT, SERVER_FIELDS, TERMINAL, Job, JobError, JobQueue, stage_label, upload_fields
+from framepack.sections import FPS, SCHEDULES
 
 QUICK_PROMPTS = (
     "The girl dances gracefully, with clear movements, full of charm.",
     "A character doing some simple body movements.",
 )
-INVERTED_NOTE = (
-    "Note that the ending actions will be generated before the starting actions due to the inverted "
-    "sampling. If the starting action is not in the video, you just need to wait, and more sections will "
-    "be generated."
-)
-FPS = 30
 _DEFAULT = object()  # "the GenerationRequest default"
 _AUTO_RES = "auto"
 
@@ -56,19 +51,44 @@ CSS = """
 
 @dataclasses.dataclass(frozen=True)
 class Control:
-    """One widget bound to a GenerationRequest field (or, with `option`, a per-job runtime option)."""
+    """One widget bound to a GenerationRequest field (or, with `option`, a per-job runtime option).
+
+    A request field's slider range and step and a dropdown's choices come from its entry in
+    `framepack.config.REQUEST_FIELDS` (the one source the CLI and the API schema use too); only the
+    wording (label, info) and the placement are the page's own. `slider` is for option widgets."""
 
     field: str
     label: str
     kind: str  # "slider" | "number" | "checkbox" | "text" | "dropdown"
-    minimum: float | None = None
-    maximum: float | None = None
-    step: float | None = None
     info: str | None = None
     advanced: bool = False  # hidden on the official page: under "Advanced"
     default: Any = _DEFAULT
-    choices: tuple | None = None
     option: bool = False  # a job option (JobQueue.submit options), not a request field
+    slider: tuple[float, float, float] | None = None  # (min, max, step) of an option's slider
+
+    @property
+    def _range(self) -> tuple[float | None, float | None, float | None]:
+        if self.slider is not None:
+            return self.slider
+        info = REQUEST_FIELDS.get(self.field)
+        return info.slider if info is not None and info.slider and self.kind == "slider" else (None, None, None)
+
+    @property
+    def minimum(self) -> float | None:
+        return self._range[0]
+
+    @property
+    def maximum(self) -> float | None:
+        return self._range[1]
+
+    @property
+    def step(self) -> float | None:
+        return self._range[2]
+
+    @property
+    def choices(self) -> tuple | None:
+        info = REQUEST_FIELDS.get(self.field)
+        return info.choices if info is not None else None
 
     def initial(self) -> Any:
         if self.default is not _DEFAULT:
@@ -92,31 +112,31 @@ class Control:
         raise ValueError(f"unknown control kind {self.kind!r}")
 
 
-# The official controls (spec §7 table, same order), then ours. Add new request fields here.
+# The official controls (spec §7 table, same order), then ours. Add new request fields here; their
+# ranges and choices are in framepack.config.REQUEST_FIELDS.
 CONTROLS: tuple[Control, ...] = (
     Control("teacache", "Use TeaCache", "checkbox",
             info="Faster speed, but often makes hands and fingers slightly worse."),
     Control("negative_prompt", "Negative Prompt", "text", advanced=True),
     Control("seed", "Seed", "number"),
-    Control("seconds", "Total Video Length (Seconds)", "slider", 1, 120, 0.1),
-    Control("window", "Latent Window Size", "slider", 1, 33, 1, advanced=True),
-    Control("steps", "Steps", "slider", 1, 100, 1, info="Changing this value is not recommended."),
-    Control("cfg", "CFG Scale", "slider", 1, 32, 0.01, advanced=True),
-    Control("distilled_guidance", "Distilled CFG Scale", "slider", 1, 32, 0.01),
-    Control("cfg_rescale", "CFG Re-Scale", "slider", 0, 1, 0.01, advanced=True),
+    Control("seconds", "Total Video Length (Seconds)", "slider"),
+    Control("window", "Latent Window Size", "slider", advanced=True),
+    Control("steps", "Steps", "slider", info="Changing this value is not recommended."),
+    Control("cfg", "CFG Scale", "slider", advanced=True),
+    Control("distilled_guidance", "Distilled CFG Scale", "slider"),
+    Control("cfg_rescale", "CFG Re-Scale", "slider", advanced=True),
     Control("preserved_memory_auto", "Automatic GPU preserved memory (recommended)", "checkbox", default=True,
             option=True, info="Off: keep the amount below free, as the official page does."),
-    Control("preserved_memory_gb", "GPU Inference Preserved Memory (GB) (larger means slower)", "slider", 6, 128,
-            0.1, default=6.0, option=True),
-    Control("crf", "MP4 Compression", "slider", 0, 51, 1,
+    Control("preserved_memory_gb", "GPU Inference Preserved Memory (GB) (larger means slower)", "slider",
+            default=6.0, option=True, slider=(6, 128, 0.1)),
+    Control("crf", "MP4 Compression", "slider",
             info="Lower means better quality. 0 is uncompressed. Change to 16 if you get black outputs."),
-    Control("sampler", "Sampler", "dropdown", choices=SAMPLERS, advanced=True),
-    Control("teacache_threshold", "TeaCache threshold (0.1: about 1.6x, 0.15: about 2.1x faster)", "slider", 0, 1,
-            0.01, advanced=True),
+    Control("sampler", "Sampler", "dropdown", advanced=True),
+    Control("teacache_threshold", REQUEST_FIELDS["teacache_threshold"].help, "slider", advanced=True),
     Control("prompt_blend", "Blend timestamped prompts ('[0s: ...] [2.5s: ...]') over a section", "checkbox",
             advanced=True),
-    Control("end_strength", "End frame strength", "slider", 0, 1, 0.01, advanced=True),
-    Control("end_embedding_weight", "End frame share of the image embedding", "slider", 0, 1, 0.01, advanced=True),
+    Control("end_strength", "End frame strength", "slider", advanced=True),
+    Control("end_embedding_weight", "End frame share of the image embedding", "slider", advanced=True),
 )  # fmt: skip
 
 
@@ -237,12 +257,12 @@ def build(queue: JobQueue, *, title: str = "FramePack") -> gr.Blocks:
     from framepack.registry import REGISTRY
 
     spec = REGISTRY.get(queue.default_model)
-    forward = spec is not None and spec.schedule == "forward"  # F1: its own title, no inverted-order note
+    schedule = SCHEDULES[spec.schedule] if spec is not None else None  # its title suffix and order note
     uploads = upload_fields()
     resolutions = [("model default", _AUTO_RES)] + [(str(b), str(b)) for b in range(64, 1281, 32)]
 
     with gr.Blocks(title=title, delete_cache=(3600, 86400)) as demo:
-        gr.Markdown(f"# {title}" + ("-F1" if forward else ""))
+        gr.Markdown(f"# {title}" + (schedule.title_suffix if schedule else ""))
         watch = gr.State({"jobs": []})
         base_params = gr.State({})
         with gr.Row():
@@ -275,8 +295,8 @@ def build(queue: JobQueue, *, title: str = "FramePack") -> gr.Blocks:
                 preview = gr.Image(label="Next Latents", height=200, visible=False, interactive=False)
                 video = gr.Video(label="Finished Frames", autoplay=True, loop=True, height=512, interactive=False,
                                  buttons=["download"], elem_id="fp-video")  # fmt: skip
-                if not forward:
-                    gr.Markdown(INVERTED_NOTE)
+                if schedule is not None and schedule.order_note:
+                    gr.Markdown(schedule.order_note)
                 desc = gr.Markdown("", elem_classes="no-generating-animation", elem_id="fp-progress-desc")
                 bar = gr.HTML("", elem_classes="no-generating-animation", elem_id="fp-progress-bar")
                 status = gr.Markdown("", elem_id="fp-status")

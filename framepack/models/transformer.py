@@ -40,6 +40,7 @@ from torch.utils.checkpoint import checkpoint
 
 from framepack.config import TransformerConfig
 from framepack.models.attention import AttentionBackend, KeyPadding
+from framepack.models.caches import BlockStack
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sign-folded sin), each (B or 1, L, 1, head_dim), fp32
 
@@ -54,7 +55,7 @@ def _inference() -> bool:
     return not torch.is_grad_enabled()
 
 
-def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """AdaLN: LayerNorm(x) (no affine, eps 1e-6) * (1 + scale) + shift; shift/scale (B, 1, D)."""
     n = F.layer_norm(x, x.shape[-1:], eps=1e-6)
     if _inference():
@@ -270,7 +271,7 @@ class _DoubleBlock(nn.Module):
     def forward(self, xi, xt, temb, rope: Rope, padding, attend) -> tuple[torch.Tensor, torch.Tensor]:
         # xi (B, n_img, D) image stream, xt (B, n_cond, D) conditioning stream
         mi, mt = self.norm1(temb), self.norm1_context(temb)  # (shift, scale, gate) x (msa, mlp)
-        ni, nt = _modulate(xi, mi[0], mi[1]), _modulate(xt, mt[0], mt[1])
+        ni, nt = modulate(xi, mi[0], mi[1]), modulate(xt, mt[0], mt[1])
         a, h = self.attn, self.attn.heads
         q = torch.cat([_rope(a.norm_q(_heads(a.to_q(ni), h)), rope), a.norm_added_q(_heads(a.add_q_proj(nt), h))], 1)
         k = torch.cat([_rope(a.norm_k(_heads(a.to_k(ni), h)), rope), a.norm_added_k(_heads(a.add_k_proj(nt), h))], 1)
@@ -279,8 +280,8 @@ class _DoubleBlock(nn.Module):
         n_img = xi.shape[1]
         xi = _gated_add(xi, a.to_out[0](o[:, :n_img]), mi[2])
         xt = _gated_add(xt, a.to_add_out(o[:, n_img:]), mt[2])
-        xi = _gated_add(xi, self.ff(_modulate(xi, mi[3], mi[4])), mi[5])
-        xt = _gated_add(xt, self.ff_context(_modulate(xt, mt[3], mt[4])), mt[5])
+        xi = _gated_add(xi, self.ff(modulate(xi, mi[3], mi[4])), mi[5])
+        xt = _gated_add(xt, self.ff_context(modulate(xt, mt[3], mt[4])), mt[5])
         return xi, xt
 
 
@@ -298,7 +299,7 @@ class _SingleBlock(nn.Module):
     def forward(self, x, temb, rope: Rope, padding, attend, keep: slice | None = None) -> torch.Tensor:
         """x (B, N, D), image stream first. With `keep`, only those (image) rows are computed and returned."""
         shift, scale, gate = self.norm(temb)
-        n = _modulate(x, shift, scale)
+        n = modulate(x, shift, scale)
         a, h, n_img = self.attn, self.attn.heads, rope[0].shape[1]
         k = _rope_prefix(a.norm_k(_heads(a.to_k(n), h)), rope, n_img)
         v = _heads(a.to_v(n), h)
@@ -405,7 +406,7 @@ class FramePackTransformer(nn.Module):
         self.norm_out = _Modulation(d, 2)  # (scale, shift): this one order is reversed in the checkpoints
         self.proj_out = nn.Linear(d, cfg.patch_size_t * p * p * cfg.out_channels)
         self.gradient_checkpointing = False
-        self.step_cache = None  # e.g. caches.TeaCache, attached from outside
+        self.step_cache = None  # a models.caches.StepCache, attached from outside
         self._sections = _SectionCache()
 
     @property
@@ -576,13 +577,13 @@ class FramePackTransformer(nn.Module):
         def run_blocks() -> torch.Tensor:
             return self._blocks(x_img, self._refine_text(sec, timestep), temb, sec)
 
-        if self.step_cache is not None and _inference():
-            out = self.step_cache(self, x_img, temb, slice(sec.n_ctx, sec.n_img), run_blocks)
+        if self.step_cache is not None and _inference():  # the one hook for step caches (models/caches.py)
+            out = self.step_cache(BlockStack(self, x_img, temb, slice(sec.n_ctx, sec.n_img), run_blocks))
         else:
             out = run_blocks()
         scale, shift = self.norm_out(temb)
         head = _precise(dtype)  # the official runs proj_out in fp32: the velocity comes out fp32
-        out = _modulate(out, shift, scale).to(head)
+        out = modulate(out, shift, scale).to(head)
         out = F.linear(out, self.proj_out.weight.to(head), self.proj_out.bias.to(head))
         p = cfg.patch_size
         out = rearrange(
@@ -598,12 +599,6 @@ class FramePackTransformer(nn.Module):
         for blk in ce.token_refiner.refiner_blocks:
             x = blk(x, temb_r, sec.text_padding, self.attention)
         return torch.cat([sec.image_tokens, x], 1)
-
-    def block0_modulated_input(self, x_img: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        """What TeaCache compares between steps: block 0's AdaLN output on the image stream."""
-        shift, scale = self.transformer_blocks[0].norm1(temb)[:2]
-        with torch.no_grad():
-            return _modulate(x_img, shift, scale)
 
     def _blocks(self, x_img, cond, temb, sec: _Section) -> torch.Tensor:
         """All transformer blocks; returns the final hidden states of the noisy rows only (B, n_noisy, D)."""

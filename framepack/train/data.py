@@ -26,7 +26,6 @@ clips already written, so an interrupted build continues where it stopped.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -37,8 +36,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from framepack.encoders import ImageEncoder, PromptEmbedding, TextEncoder, load_image_processor
-from framepack.sections import FPS
+from framepack.encoders import ImageEncoder, PromptEmbedding, TextEncoder, encoder_identity
 from framepack.train import toyworld
 
 INFO, MANIFEST, CLIPS, UNCOND = "info.json", "manifest.jsonl", "clips", "uncond.safetensors"
@@ -57,44 +55,18 @@ class Encoders:
         return float(self.vae.config.scaling_factor)
 
 
-def encoder_identity(paths: dict[str, Path]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(n for n in paths if n != "transformer"):
-        for f in sorted(Path(paths[name]).glob("*.json")):
-            h.update(f"{name}/{f.name}".encode() + f.read_bytes())
-    return h.hexdigest()[:24]
-
-
 def load_encoders(paths: dict[str, Path], *, device: str | torch.device = "cpu",
                   dtype: torch.dtype = torch.float32, prompt_crop: int | None = None) -> Encoders:  # fmt: skip
     """LLaMA + CLIP, SigLIP and the VAE from component folders (names as in `ModelSpec.sources`):
-    a toy family (`toyfamily.family_paths`) or a resolved registry model (`registry.resolve_spec`)."""
-    from diffusers import AutoencoderKLHunyuanVideo
-    from transformers import AutoTokenizer, CLIPTextModel, LlamaModel, SiglipVisionModel
+    a toy family (`toyfamily.family_paths`) or a resolved registry model (`registry.resolve_spec`),
+    loaded by the engine's own loaders (framepack.components) and named by its identity."""
+    from framepack.components import load_image_encoder, load_text_encoder, load_vae
 
-    from framepack.components import _quiet_transformers
-
-    _quiet_transformers()
     dev = torch.device(device)
-
-    def frozen(m: torch.nn.Module) -> torch.nn.Module:
-        return m.to(dev).eval().requires_grad_(False)
-
-    identity = encoder_identity(paths)
-    text = TextEncoder(
-        frozen(LlamaModel.from_pretrained(paths["text_encoder"], torch_dtype=dtype)),
-        AutoTokenizer.from_pretrained(paths["tokenizer"]),
-        frozen(CLIPTextModel.from_pretrained(paths["text_encoder_2"], torch_dtype=dtype)),
-        AutoTokenizer.from_pretrained(paths["tokenizer_2"]),
-        crop=prompt_crop,
-        identity=identity,
-    )
-    image = ImageEncoder(
-        frozen(SiglipVisionModel.from_pretrained(paths["image_encoder"], torch_dtype=dtype)),
-        load_image_processor(paths["feature_extractor"]),
-    )
-    vae = frozen(AutoencoderKLHunyuanVideo.from_pretrained(paths["vae"], torch_dtype=dtype))
-    return Encoders(text, image, vae, identity)
+    identity = encoder_identity(paths, prompt_crop)
+    text = load_text_encoder(paths, dtype=dtype, device=dev, crop=prompt_crop, identity=identity)
+    image = load_image_encoder(paths, dtype=dtype, device=dev)
+    return Encoders(text, image, load_vae(paths, dtype=dtype, device=dev), identity)
 
 
 @contextlib.contextmanager
@@ -180,7 +152,7 @@ def build_toy_dataset(root: str | os.PathLike, enc: Encoders, *, clips: int, sec
                       seed: int = 0, window: int = 9, size: int = toyworld.DEFAULT_SIZE,
                       progress: bool = True) -> Path:  # fmt: skip
     """`clips` toy clips; clip i has a section count uniform in `sections` (inclusive) and is fully
-    determined by (seed, i). Held-out evaluation scenes use other seeds (benchmarks/toy_quality.py)."""
+    determined by (seed, i). Held-out evaluation scenes use other seeds (framepack.train.quality)."""
     from tqdm import tqdm
 
     lo, hi = sections
@@ -224,25 +196,18 @@ def read_video_list(path: str | os.PathLike) -> list[tuple[str, str]]:
 
 
 def read_video(path: str | os.PathLike, base: int) -> np.ndarray:
-    """(T, H, W, 3) uint8 at 30 fps (each tick shows the frame nearest in time), cropped to the
-    nearest bucket of `base` like the engine's inputs."""
-    import av
-
+    """(T, H, W, 3) uint8 at 30 fps, cropped to the nearest bucket of `base`: read exactly as the
+    engine reads an input video (`framepack.inputs.read_video_frames`, one resampling rule)."""
     from framepack.images import nearest_bucket, resize_and_center_crop
+    from framepack.inputs import read_video_frames
 
-    frames, times = [], []
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        for n, frame in enumerate(container.decode(stream)):
-            frames.append(frame.to_ndarray(format="rgb24"))
-            times.append(float(frame.time) if frame.time is not None else n / FPS)
+    frames, size = [], None
+    for frame in read_video_frames(path, max_seconds=float("inf")):
+        size = size or nearest_bucket(frame.shape[0], frame.shape[1], base)
+        frames.append(resize_and_center_crop(frame, *size))
     if not frames:
         raise ValueError(f"{path} contains no frames")
-    t = np.asarray(times) - times[0]
-    ticks = np.arange(int(t[-1] * FPS + 1e-6) + 1) / FPS
-    nearest = np.clip(np.searchsorted(t, ticks - 0.5 / FPS), 0, len(frames) - 1)  # first frame past the midpoint
-    h, w = nearest_bucket(frames[0].shape[0], frames[0].shape[1], base)
-    return np.stack([resize_and_center_crop(frames[i], h, w) for i in nearest])
+    return np.stack(frames)
 
 
 def split_clips(frames: int, window: int, max_sections: int) -> list[tuple[int, int]]:

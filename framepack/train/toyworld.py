@@ -29,7 +29,6 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-FPS = 30
 DEFAULT_SIZE = 64
 
 # Vivid object colours, far (> 100 in RGB distance) from every background colour, so that colour

@@ -16,8 +16,9 @@ uninterrupted one):
   a distilled-guidance scale uniform in a range (x1000 into the guidance embedder): only a
       condition here (there is no CFG teacher to distil), so any --gs works at inference;
   caption dropout to the empty prompt's embedding (the engine's negative prompt, for real CFG);
-  for forward samples, rarely, "no start frame" (start latent and image embedding zeroed): the
-      recent-past-only mode the quality benchmark uses as its no-anti-drifting baseline.
+  for samples of a schedule that works without its start frame (`Schedule.start_optional`: F1),
+      rarely, "no start frame" (start latent and image embedding zeroed): the recent-past-only mode
+      the quality benchmark uses as its no-anti-drifting baseline.
 
 One model learns both schedules (samples are mixed per batch, evenly unless `schedule_weights`
 says otherwise): their layouts differ (the inverted window sits before its clean context in RoPE
@@ -51,7 +52,7 @@ from torch import nn
 from framepack.models.lora import apply_lora, lora_state_dict, merge_lora
 from framepack.models.transformer import FramePackTransformer
 from framepack.sampling import flow_shift_mu
-from framepack.sections import Context, ForwardSchedule, InvertedSchedule, make_schedule
+from framepack.sections import Context, Schedule, make_schedule
 from framepack.train.checkpoints import (
     CsvLog,
     checkpoint_path,
@@ -65,7 +66,6 @@ from framepack.train.checkpoints import (
 from framepack.train.data import LatentDataset
 from framepack.train.lr import warmup_cosine
 
-Schedule = InvertedSchedule | ForwardSchedule
 CONTEXT_KEYS = ("latent_indices", "clean_latents", "clean_latent_indices", "clean_latents_2x",
                 "clean_latent_2x_indices", "clean_latents_4x", "clean_latent_4x_indices")  # fmt: skip
 
@@ -250,7 +250,7 @@ class TrainConfig:
     sigma_sampling: str = "uniform"  # or "logit-normal"
     guidance: tuple[float, float] = (1.0, 12.0)  # distilled guidance scale range
     caption_dropout: float = 0.1
-    no_start_probability: float = 0.1  # forward samples without the start frame (the baseline mode)
+    no_start_probability: float = 0.1  # F1 (start_optional) samples without the start frame (the baseline mode)
     context_noise: float = 0.0  # std of Gaussian noise added to the clean context latents (augmentation)
     precision: str = "fp32"  # or "bf16" (autocast)
     gradient_checkpointing: bool = False
@@ -337,7 +337,8 @@ class SectionTrainer:
             clip = self.data[ci]
             si = int(torch.randint(clip.sections, (), generator=generator))
             drop_caption = bool(torch.rand((), generator=generator) < cfg.caption_dropout)
-            no_start = kind == "forward" and bool(torch.rand((), generator=generator) < cfg.no_start_probability)
+            no_start = self.schedules[kind].start_optional and bool(
+                torch.rand((), generator=generator) < cfg.no_start_probability)  # fmt: skip
             ctx, x0 = section_sample(self.schedules[kind], clip.latents, clip.sections, si, clip.start)
             items.append((ci, kind, si, drop_caption, no_start, ctx, x0, clip))
         t = sample_t(n, generator, cfg.sigma_sampling) if sigmas is None else None

@@ -69,4 +69,10 @@ def test_quantized_model_streams_identically(models):
     with manager.use("t"), torch.no_grad():
         got = q(**kw).sample
     assert torch.equal(expected, got)
-    assert all(isinstance(m, FP8Linear) for m in q.single_transformer_blocks[0].children() if hasattr(m, "weight_fp8"))
+    # every Linear of every block was replaced (none left in bf16), and nothing outside the blocks was
+    plain = [m for b in blocks for m in b.modules() if type(m) is torch.nn.Linear]
+    fp8 = [m for b in blocks for m in b.modules() if isinstance(m, FP8Linear)]
+    # per double block: 2 modulations, q/k/v and their context twins, 2 outputs, 2 x 2 MLP; per single: 6
+    assert plain == [] and len(fp8) == 14 * len(q.transformer_blocks) + 6 * len(q.single_transformer_blocks)
+    assert not any(isinstance(m, FP8Linear) for m in q.context_embedder.modules())
+    assert all(m.weight_fp8.dtype == torch.float8_e4m3fn for m in fp8)

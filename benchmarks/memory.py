@@ -26,16 +26,14 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from framepack.config import FRAMEPACK_HY
-from framepack.memory import Footprint, GiB, MemoryBudgetError, plan_memory
+from framepack.memory import Footprint, GiB, MemoryBudgetError, footprint, plan_memory
 from framepack.models.transformer import FramePackTransformer
 
 
-def _meta_bytes(module: nn.Module, dtype: torch.dtype) -> int:
-    return sum(p.numel() for p in module.parameters()) * dtype.itemsize
-
-
 def real_footprints(h: int = 80, w: int = 76, window: int = 9) -> list[Footprint]:
-    """The five FramePack models at their real sizes (built on the meta device), as the pipeline sees them."""
+    """The five FramePack models at their real sizes and dtypes (built on the meta device), with the
+    working sets the engine's planner uses (`framepack.memory.footprint`), as a job plans them."""
+    import diffusers
     from diffusers import AutoencoderKLHunyuanVideo
     from transformers import (
         CLIPTextConfig,
@@ -46,31 +44,25 @@ def real_footprints(h: int = 80, w: int = 76, window: int = 9) -> list[Footprint
         SiglipVisionModel,
     )
 
+    diffusers.logging.set_verbosity_error()  # casting the meta VAE with to(): nothing in it needs fp32 here
+    bf16, fp16 = torch.bfloat16, torch.float16
     with torch.device("meta"):
-        t = FramePackTransformer(FRAMEPACK_HY)
+        t = FramePackTransformer(FRAMEPACK_HY).to(bf16)
         llama = LlamaModel(LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                                       num_attention_heads=32, num_key_value_heads=8, vocab_size=128320))  # fmt: skip
+                                       num_attention_heads=32, num_key_value_heads=8,
+                                       vocab_size=128320)).to(fp16)  # fmt: skip
         clip = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                            num_attention_heads=12, projection_dim=768))  # fmt: skip
+                                            num_attention_heads=12, projection_dim=768)).to(fp16)  # fmt: skip
         siglip_cfg = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
                                         num_attention_heads=16, image_size=384, patch_size=14)  # fmt: skip
-        siglip = SiglipVisionModel(siglip_cfg)
-        vae = AutoencoderKLHunyuanVideo()
-    bf16, fp16 = torch.bfloat16, torch.float16
-    blocks = [*t.transformer_blocks, *t.single_transformer_blocks]
-    frame = (h // 2) * (w // 2)
-    tokens = (window + 2) * frame + frame // 2 + frame // 4 + 729 + 256
-    t_working = int(1.25 * tokens * (8 * FRAMEPACK_HY.inner_dim + 2 * FRAMEPACK_HY.mlp_dim) * 2)
+        siglip = SiglipVisionModel(siglip_cfg).to(fp16)
+        vae = AutoencoderKLHunyuanVideo().to(fp16)
+    size = {"height": h, "width": w, "window": window}
     return [
-        Footprint(
-            "text_encoder",
-            _meta_bytes(llama, fp16) + _meta_bytes(clip, fp16),
-            512 * 4096 * 35 * 4,
-            tuple(_meta_bytes(layer, fp16) for layer in llama.layers),
-        ),
-        Footprint("image_encoder", _meta_bytes(siglip, fp16), 256 * 2**20),
-        Footprint("vae", _meta_bytes(vae, fp16), 3 * GiB),
-        Footprint("transformer", _meta_bytes(t, bf16), t_working, tuple(_meta_bytes(b, bf16) for b in blocks)),
+        footprint("text_encoder", nn.ModuleDict({"llama": llama, "clip": clip}), list(llama.layers), **size),
+        footprint("image_encoder", siglip, [], **size),
+        footprint("vae", vae, [], **size),
+        footprint("transformer", t, [*t.transformer_blocks, *t.single_transformer_blocks], **size),
     ]
 
 

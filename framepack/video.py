@@ -49,8 +49,31 @@ import numpy as np
 import torch
 from einops import rearrange
 
-# x264 settings shared by every segment of a writer; segments only join if their headers match.
-_X264_PARAMS = "stitchable=1"
+def _x264_params() -> str:
+    """x264 settings shared by every segment of a writer (segments only join if their headers match).
+
+    `stitchable` keeps content-dependent header tweaks out. On CPUs with AVX-512, x264 is limited to
+    its AVX2 code (`asm=AVX2,Cache64`): its AVX-512 code is not reproducible. Measured here (AMD EPYC,
+    x264 core 164 in PyAV 18): the same 33 frames (96x64, uint8, bit-identical planes, zeroed row and
+    buffer padding, one x264 thread) encoded 10 times in each of 30 processes gave 3 different
+    bitstreams in 12 of the 30 (frames 12-14 decoding up to 29 levels apart); limited to AVX2, the 300
+    encodes gave one. The AVX2 and AVX-512 paths are each valid H.264, and their files differ (float
+    rounding in the lookahead). Elsewhere x264 picks its instruction set itself.
+    """
+    params = "stitchable=1"
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as cpu
+    except ImportError:  # numpy < 2
+        try:
+            from numpy.core._multiarray_umath import __cpu_features__ as cpu
+        except ImportError:
+            return params
+    if cpu.get("AVX512F") and cpu.get("AVX2") and cpu.get("FMA3"):
+        params += ":asm=AVX2,Cache64"
+    return params
+
+
+_X264_PARAMS = _x264_params()
 _SIDES = ("end", "start")
 
 

@@ -168,6 +168,7 @@ REQUEST_FIELDS: dict[str, FieldInfo] = {
     "sampler": FieldInfo("sampler (framepack.sampling.SAMPLERS; unipc is the official bh1)", choices=tuple(SAMPLERS)),
     "shift": FieldInfo("explicit flow shift (default: from the resolution, capped at 7)", (0.01, 100)),
     "output": FieldInfo("output folder (default ./outputs) or a path ending in .mp4", flag="--out"),
+    "overwrite": FieldInfo("replace an existing --out FILE.mp4 (and its .json), once the new video is complete"),
     "prompt_blend": FieldInfo("blend the prompts over the section where a timestamped prompt changes",
                               group=CONTROLS),
     "end_image": FieldInfo("original model: the video ends towards this image", group=CONTROLS),
@@ -204,6 +205,7 @@ class GenerationRequest:
     sampler: str = "unipc"
     shift: float | None = None  # explicit flow shift; None = from the sequence length (capped at 7)
     output: str | None = None  # directory (files named by job id) or a path ending in .mp4
+    overwrite: bool = False  # replace an existing output file (only when the new video is complete)
     # --- section controls (framepack.controls). `prompt` may be timestamped: "[0s: ...] [2.5s: ...]"
     prompt_blend: bool = False  # blend the embeddings over the section where a timestamped prompt changes
     end_image: str | None = None  # original model: the video ends towards this image
@@ -215,8 +217,10 @@ class GenerationRequest:
     t2v_start: str = "color:#808080"  # no image and no video: "color:#RRGGBB" start frame, or "generate"
 
     def validate(self) -> GenerationRequest:
-        p = []
-        if not isinstance(self.prompt, str) or not self.prompt.strip():
+        """Every problem at once, in one RequestError. Types are checked strictly (a JSON `"steps": "25"`
+        or `"teacache": "yes"` is an error, not coerced), with the same wording for every front end."""
+        p = [problem for name in _FIELDS if (problem := _type_problem(name, getattr(self, name)))]
+        if isinstance(self.prompt, str) and not self.prompt.strip():
             p.append("prompt is empty: describe the motion, e.g. 'The girl dances gracefully, with clear movements'")
         if self.image is not None and self.video is not None:
             p.append("give either an image to animate or a video to extend, not both")
@@ -224,7 +228,9 @@ class GenerationRequest:
             self.t2v_start == "generate" or re.fullmatch(r"color:#[0-9a-fA-F]{6}", self.t2v_start)
         ):
             p.append(f"t2v_start must be 'color:#RRGGBB' or 'generate', got {self.t2v_start!r}")
-        for kf in self.keyframes:
+        if not isinstance(self.keyframes, (tuple, list)):
+            p.append(f"keyframes must be a list of (seconds, image path) pairs, got {self.keyframes!r}")
+        for kf in self.keyframes if isinstance(self.keyframes, (tuple, list)) else ():
             if not (isinstance(kf, (tuple, list)) and len(kf) == 2 and isinstance(kf[0], (int, float))
                     and not isinstance(kf[0], bool) and isinstance(kf[1], str)):  # fmt: skip
                 p.append(f"keyframes are (seconds, image path) pairs, got {kf!r}")
@@ -263,6 +269,21 @@ class GenerationRequest:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(GenerationRequest)}
+
+
+def _type_problem(name: str, value: Any) -> str | None:
+    """A value of the wrong kind for a text or a true/false field (numbers: the range check says it)."""
+    if value is None and name in _OPTIONAL:
+        return None
+    kind = _FIELDS[name].type.split(" | ")[0]
+    if kind == "bool" and not isinstance(value, bool):
+        return f"{name} must be true or false, got {value!r}"
+    if kind == "str" and not isinstance(value, str):
+        return f"{name} must be text, got {value!r}"
+    return None
+
+
+
 _OPTIONAL = {n for n, f in _FIELDS.items() if f.default is None}  # None means "automatic" / "not given"
 _INTEGER = {n for n, f in _FIELDS.items() if f.type in ("int", "int | None")}
 if set(REQUEST_FIELDS) != set(_FIELDS):  # a new request field needs its entry (help, range) first

@@ -38,36 +38,68 @@ def snap(seconds: float, sections: int, window: int) -> int:
     return min(sections, max(0, int(seconds / section_seconds(window) + 0.5)))
 
 
-_BRACKET = re.compile(r"\[\s*([^\]:]*?)\s*:\s*([^\]]*?)\s*\]")
 _TIME = re.compile(r"^(\d+(?:\.\d+)?)\s*s?$")
+_TIMELIKE = re.compile(r"^\s*[-+.\d]")  # a bracket group that starts like a number means a time
+_TIMED = re.compile(r"(?<!\\)\[\s*[-+.\d]")  # anywhere in a text: a group that starts with a time
+_ESCAPES = "a bracket that is part of a prompt is written \\[ or \\]"
+
+
+def _unescape(text: str) -> str:
+    return text.replace("\\[", "[").replace("\\]", "]")
+
+
+def _groups(text: str) -> list[tuple[int, int, str]]:
+    """(start, end, inside) of every unescaped [...] group; ControlError for one left open."""
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "\\" and text[i + 1 : i + 2] in ("[", "]"):
+            i += 2
+        elif text[i] == "[":
+            j = i + 1
+            while j < len(text) and text[j] not in "[]":
+                j += 2 if text[j] == "\\" and text[j + 1 : j + 2] in ("[", "]") else 1
+            if j >= len(text) or text[j] == "[":
+                raise ControlError(f"malformed timestamped prompt near {text[i : i + 40]!r}: a [ is not closed; "
+                                   f"expected [TIME: prompt] blocks such as '[0s: a man waves] [2.5s: he jumps]' "
+                                   f"({_ESCAPES})")  # fmt: skip
+            out.append((i, j + 1, text[i + 1 : j]))
+            i = j + 1
+        else:
+            i += 1
+    return out
 
 
 def parse_prompts(text: str) -> list[tuple[float, str]]:
     """'[0s: a man waves] [2.5s: he jumps]' -> [(0.0, 'a man waves'), (2.5, 'he jumps')].
 
-    Text without brackets is one prompt for the whole video. Times are seconds ('2.5s' or '2.5'),
-    must start at 0 and increase; every prompt must be non-empty.
+    A prompt is timestamped when a bracket group in it starts with a time ('[2.5s: ...'); then all of
+    it must be [TIME: prompt] blocks. Times are seconds ('2.5s' or '2.5'), start at 0 and increase;
+    every prompt must be non-empty. Any other text is one prompt for the whole video, brackets and
+    all ('a man [wearing a hat] walks'). A bracket inside a timestamped prompt is written \\[ or \\].
     """
     text = text.strip()
-    if "[" not in text and "]" not in text:
-        if not text:
-            raise ControlError("the prompt is empty")
-        return [(0.0, text)]
+    if not text:
+        raise ControlError("the prompt is empty")
+    if not _TIMED.search(text):
+        return [(0.0, _unescape(text))]
+    groups = _groups(text)
     items, pos = [], 0
-    for m in _BRACKET.finditer(text):
-        between = text[pos : m.start()].strip()
+    for start, end, inside in groups:
+        between = text[pos:start].strip()
         if between:
-            raise ControlError(f"text outside brackets: {between!r}; write each prompt as [TIME: prompt]")
-        items.append(m)
-        pos = m.end()
+            raise ControlError(f"text outside brackets: {between!r}; write each prompt as [TIME: prompt] ({_ESCAPES})")
+        time, sep, prompt = inside.partition(":")
+        if not sep or not _TIMELIKE.match(inside):
+            raise ControlError(
+                f"malformed timestamped prompt near {text[start:end][:40]!r}: expected [TIME: prompt] blocks such "
+                f"as '[0s: a man waves] [2.5s: he jumps]' ({_ESCAPES})"
+            )
+        items.append((_parse_time(time), _unescape(prompt)))
+        pos = end
     rest = text[pos:].strip()
-    if rest or not items:
-        bad = rest or text
-        raise ControlError(
-            f"malformed timestamped prompt near {bad[:40]!r}: expected [TIME: prompt] blocks such as "
-            "'[0s: a man waves] [2.5s: he jumps]'"
-        )
-    return check_prompts([(_parse_time(m.group(1)), m.group(2)) for m in items])
+    if rest:
+        raise ControlError(f"text outside brackets: {rest!r}; write each prompt as [TIME: prompt] ({_ESCAPES})")
+    return check_prompts(items)
 
 
 def _parse_time(token: str) -> float:

@@ -28,6 +28,7 @@ import io
 import math
 import operator
 import os
+import re
 import stat
 import struct
 import warnings
@@ -257,7 +258,7 @@ def _open_file(fp: str | bytes | io.BytesIO, name: str) -> np.ndarray:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(fp, formats=_allowed_formats())
     except Image.DecompressionBombError as err:
-        raise ImageError(f"{name} is too large to load safely ({err}); at most {MAX_PIXELS:,} pixels") from None
+        raise _too_large(name, err) from None
     except UnidentifiedImageError:
         raise ImageError(
             f"{name} is not an image in a supported format, or it is corrupt or truncated "
@@ -280,7 +281,7 @@ def _from_pil(image: Image.Image, name: str) -> np.ndarray:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image.load()
     except Image.DecompressionBombError as err:
-        raise ImageError(f"{name} is too large to load safely ({err}); at most {MAX_PIXELS:,} pixels") from None
+        raise _too_large(name, err) from None
     except _DECODE_ERRORS as err:
         raise ImageError(f"{name} is corrupt or truncated and cannot be decoded ({err})") from None
     return _from_array(_pil_pixels(_upright(image), name), name)
@@ -330,6 +331,14 @@ def _pil_pixels(image: Image.Image, name: str) -> np.ndarray:
         return np.asarray(image.convert("RGB"))  # L, 1, P, CMYK, YCbCr, LAB, HSV, RGBX
     except ValueError:
         raise ImageError(f"{name} has an unsupported image mode {mode!r}") from None
+
+
+def _too_large(name: str, err: Exception) -> ImageError:
+    """PIL's decompression-bomb refusal, in our words and with our limit only (PIL's is higher)."""
+    found = re.search(r"\((\d+) pixels\)", str(err))
+    size = f": {int(found.group(1)):,} pixels" if found else ""
+    return ImageError(f"{name} is too large{size}; at most {MAX_PIXELS:,} pixels are accepted (the largest bucket "
+                      "is under 2 MP, so downscale it first)")  # fmt: skip
 
 
 def _check_size(width: int, height: int, name: str) -> None:

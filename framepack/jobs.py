@@ -53,8 +53,10 @@ from typing import Any
 
 import numpy as np
 
+from framepack import jobstate
 from framepack.config import GenerationRequest, RequestError
 from framepack.events import Cancelled, CancelToken, Failed, Finished, SectionDone, StageStarted, StepProgress
+from framepack.outputs import disk_free, disk_full_message, disk_needed, is_disk_full
 from framepack.outputs import job_id as new_job_id
 from framepack.sections import FPS
 
@@ -64,7 +66,7 @@ RESUMABLE = frozenset({"interrupted", "cancelled", "failed"})
 # Request fields that hold paths on the server. A client never sets them as parameters (that would let
 # it make the server read or write any file); the server fills them from uploads and the job folder.
 # A new request field that holds a path must be added here (tests/test_jobs.py checks the names).
-SERVER_FIELDS = frozenset({"image", "output", "end_image", "video", "keyframes"})
+SERVER_FIELDS = frozenset({"image", "output", "overwrite", "end_image", "video", "keyframes"})
 # Of those, single images a client may upload with a job (saved as <field>.png in its folder).
 IMAGE_UPLOADS = ("end_image",)
 INPUT, VIDEO, STATE_DIR, RECORD = "input.png", "video.mp4", "state", "job.json"
@@ -114,6 +116,10 @@ class FileAccessError(JobError):
     """A file path that points outside the job folders (or is otherwise not allowed)."""
 
 
+class StorageFull(JobError):
+    """The outputs folder's disk is full (or too full for a job); the message says what is free and needed."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Job:
     id: str
@@ -132,6 +138,7 @@ class Job:
     metadata: str | None
     parent: str | None  # the job this one re-runs
     resumable: bool
+    seq: int = 0  # queue order (queued jobs run by increasing seq); kept in job.json for a rebuild
 
     @property
     def terminal(self) -> bool:
@@ -234,6 +241,8 @@ class JobQueue:
         self._pipeline: tuple[str, Any] | None = None
         self._interrupting = False  # close() cancels the running job: it becomes interrupted, not cancelled
         self._last_write = 0.0
+        self._unsaved: dict[str, dict] = {}  # job id -> columns of a finished run not yet in the database
+        self.storage_problem: str | None = None  # why queued jobs wait (disk space), for the front ends
         self.problems: list[str] = []
         self._lockfile = _acquire_folder_lock(self.outputs / LOCK_NAME)
         try:
@@ -277,13 +286,22 @@ class JobQueue:
                 extra[name] = load_image(source)
             except ImageError as err:
                 raise ImageError(f"{name}: {err}") from None
+        needed = _space_needed(request, pixels.shape[:2], model)
+        if disk_free(self.jobs_dir) < needed:
+            raise StorageFull(disk_full_message(self.outputs, needed))
         folder = self._new_folder()
         try:
-            Image.fromarray(pixels).save(folder / INPUT, compress_level=1)
-            stored = request.to_json_dict()
-            for name, px in extra.items():
-                Image.fromarray(px).save(folder / f"{name}.png", compress_level=1)
-                stored[name] = f"{name}.png"  # relative to the job folder; made absolute when it runs
+            try:
+                Image.fromarray(pixels).save(folder / INPUT, compress_level=1)
+                stored = request.to_json_dict()
+                for name, px in extra.items():
+                    Image.fromarray(px).save(folder / f"{name}.png", compress_level=1)
+                    stored[name] = f"{name}.png"  # relative to the job folder; made absolute when it runs
+            except OSError as err:
+                if is_disk_full(err):
+                    raise StorageFull(disk_full_message(self.outputs, needed)) from err
+                raise
+            _check_runnable(stored, folder, model)  # the engine's whole check, as the CLI runs it up front
             with self._lock:  # insert and first event together: the worker cannot claim it in between
                 with self._write() as db:
                     seq = self._next_seq(db)
@@ -336,6 +354,10 @@ class JobQueue:
             elif job.state == "running" and self._running and self._running[0] == job_id:
                 self._running[1].cancel()
                 return job
+            elif job.state == "running":  # not the worker's job (a run whose end could not be recorded)
+                self._finish(job_id, "cancelled", error="cancelled; its run had ended without a record",
+                             files=self.jobs_dir / job_id)  # fmt: skip
+                return self.get(job_id)
             else:
                 raise JobConflict(f"job {job_id} is {job.state}: only queued or running jobs can be cancelled")
             job = self.get(job_id)
@@ -344,17 +366,26 @@ class JobQueue:
             return job
 
     def delete(self, job_id: str) -> None:
-        """Remove a job that is not running, with its folder and files."""
+        """Remove a job that is not running, with its folder and files. A job folder that is a symbolic
+        link loses the link (what it points to is not the queue's to delete)."""
         with self._lock:
             job = self.get(job_id)
-            if job.state == "running":
+            if job.state == "running" and self._running and self._running[0] == job_id:
                 raise JobConflict(f"job {job_id} is running: cancel it first, then delete it")
+            folder = self.jobs_dir / job_id
+            if folder.is_symlink():
+                folder.unlink()
+            else:
+                shutil.rmtree(folder, ignore_errors=True)
+            if folder.exists() or folder.is_symlink():
+                raise JobError(f"job {job_id}: its folder {folder} could not be removed (permissions?); "
+                               "the job is kept")  # fmt: skip
             with self._write() as db:
                 db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+            self._unsaved.pop(job_id, None)
             self._logs.pop(job_id, None)
             self._previews.pop(job_id, None)
             self._changed.notify_all()
-        shutil.rmtree(self.jobs_dir / job_id, ignore_errors=True)
 
     def move(self, job_id: str, position: int) -> Job:
         """Put a queued job at `position` in the queue (0 = next; clamped to the queue's length)."""
@@ -368,6 +399,8 @@ class JobQueue:
             with self._write() as db:
                 base = self._next_seq(db)
                 db.executemany("UPDATE jobs SET seq = ? WHERE id = ?", [(base + i, j) for i, j in enumerate(ids)])
+            for j in ids:  # the new order is in every record too, so a rebuilt database keeps it
+                self._save_record(self.get(j))
             return self.get(job_id)
 
     def resume(self, job_id: str) -> Job:
@@ -484,8 +517,9 @@ class JobQueue:
 
     def counts(self) -> dict[str, int]:
         with self._lock:
-            rows = self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
-        return {state: n for state, n in rows}
+            rows = self._db.execute("SELECT id, state FROM jobs").fetchall()
+            states = [self._unsaved.get(i, {}).get("state", state) for i, state in rows]
+        return {state: states.count(state) for state in sorted(set(states))}
 
     def close(self, timeout: float = 30.0) -> None:
         """Stop the worker; a running job is cancelled after its current step and left `interrupted`
@@ -513,7 +547,11 @@ class JobQueue:
     # ------------------------------------------------------------------------------- the worker
     def _work(self) -> None:
         while not self._stop.is_set():
-            job = self._claim()
+            try:
+                job = self._claim() if self._flush_unsaved() else None
+            except Exception as err:  # storage trouble (a full disk): nothing was claimed; try again shortly
+                self.storage_problem = str(err)
+                job = None
             if job is None:
                 self._wake.wait(1.0)
                 self._wake.clear()
@@ -530,7 +568,13 @@ class JobQueue:
                 return None
             row = self._db.execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY seq LIMIT 1").fetchone()
             if row is None:
+                self.storage_problem = None
                 return None
+            needed = self._needed_by(row[0])
+            if disk_free(self.jobs_dir) < needed:  # it would fail half way: it waits, queued, for space
+                self.storage_problem = f"{disk_full_message(self.outputs, needed)}; queued jobs wait for it"
+                return None
+            self.storage_problem = None
             with self._write() as db:
                 db.execute("UPDATE jobs SET state = 'running', started = ?, progress = '{}' WHERE id = ?",
                            (time.time(), row[0]))  # fmt: skip
@@ -554,13 +598,18 @@ class JobQueue:
                 failure.append(event.error)
             self._on_engine_event(job.id, event)
 
+        if not jobstate.exists(folder / STATE_DIR):  # a fresh run: files an earlier attempt left are stale
+            for name in (VIDEO, "video.json"):
+                (folder / name).unlink(missing_ok=True)
         try:
             pipe = self._get_pipeline(job.id, job.model)
             request = GenerationRequest.from_json_dict(_absolute(job.request, folder))
             with _job_options(pipe, job.options):
                 result = pipe.generate(request, on_event, token, state_dir=folder / STATE_DIR)
         except Exception as err:  # engine failures (after a sidecar), bad requests/images, missing weights
-            if failure:
+            if is_disk_full(err):
+                error = disk_full_message(self.outputs, self._needed_by(job.id))
+            elif failure:
                 error = failure[0]
             elif isinstance(err, ValueError):  # RequestError, ImageError, a damaged resume state: say it plainly
                 error = str(err)
@@ -587,26 +636,51 @@ class JobQueue:
             self._previews.pop(job_id, None)
             if self._running and self._running[0] == job_id:
                 self._running = None
-            video = metadata = None
+            changes: dict = {"state": state, "finished": time.time(), "error": error, "video": None, "metadata": None}
             if files is not None:
-                video = f"{job_id}/{VIDEO}" if (files / VIDEO).is_file() else None
-                metadata = f"{job_id}/video.json" if (files / "video.json").is_file() else None
-            sets = ["state = ?", "finished = ?", "error = ?", "video = ?", "metadata = ?"]
-            values: list = [state, time.time(), error, video, metadata]
+                changes["video"] = f"{job_id}/{VIDEO}" if (files / VIDEO).is_file() else None
+                changes["metadata"] = f"{job_id}/video.json" if (files / "video.json").is_file() else None
             if result is not None:
-                sets.append("result = ?")
-                values.append(json.dumps(result))
+                changes["result"] = json.dumps(result)
             if progress is not None:
-                sets.append("progress = ?")
-                values.append(json.dumps(progress))
+                changes["progress"] = json.dumps(progress)
             try:
-                with self._write() as db:
-                    db.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE id = ?", (*values, job_id))
-                job = self.get(job_id)
+                self._row(job_id)
             except (sqlite3.Error, JobNotFound):
                 return  # deleted meanwhile (or the queue is closing): nothing left to record
-            self._save_record(job)
-            self._emit(job_id, _state_event(job))  # before a resume can start the job's next run
+            # Kept in memory until it is in the database (a full disk can refuse the write): the job is
+            # never left "running", and the worker writes it as soon as the disk allows.
+            self._unsaved[job_id] = changes
+            if not self._flush_unsaved():
+                self._save_record(self.get(job_id))
+            self._emit(job_id, _state_event(self.get(job_id)))  # before a resume can start the job's next run
+
+    def _flush_unsaved(self) -> bool:
+        """Write the outcomes a full disk held back; False while the database still cannot be written."""
+        with self._lock:
+            for job_id, changes in list(self._unsaved.items()):
+                try:
+                    with self._write() as db:
+                        cols = ", ".join(f"{c} = ?" for c in changes)
+                        db.execute(f"UPDATE jobs SET {cols} WHERE id = ?", (*changes.values(), job_id))
+                except (sqlite3.Error, StorageFull) as err:
+                    self.storage_problem = f"the job database cannot be written ({err}); outcomes wait in memory"
+                    return False
+                del self._unsaved[job_id]
+                self._save_record(self.get(job_id))
+            return True
+
+    def _needed_by(self, job_id: str) -> int:
+        """About the disk a queued job needs (its request and start image), 0 when it cannot be told."""
+        from PIL import Image
+
+        try:
+            job = self.get(job_id)
+            with Image.open(self.jobs_dir / job_id / INPUT) as img:
+                width, height = img.size
+            return _space_needed(GenerationRequest.from_json_dict(job.request), (height, width), job.model)
+        except Exception:  # a damaged record or image: the run itself will say what is wrong
+            return 0
 
     def _get_pipeline(self, job_id: str, model: str) -> Any:
         if self._pipeline is not None and self._pipeline[0] == model:
@@ -664,7 +738,7 @@ class JobQueue:
             now = time.monotonic()
             if not isinstance(event, StepProgress) or now - self._last_write >= _PROGRESS_WRITE_S:
                 self._last_write = now
-                with contextlib.suppress(sqlite3.Error), self._write() as db:
+                with contextlib.suppress(sqlite3.Error, StorageFull), self._write() as db:
                     db.execute("UPDATE jobs SET progress = ? WHERE id = ?", (json.dumps(progress), job_id))
             self._changed.notify_all()
 
@@ -708,13 +782,20 @@ class JobQueue:
         """One short write transaction. IMMEDIATE takes the write lock up front, so a second process on
         the same file waits (busy_timeout) instead of failing half way."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                    self._db.execute("COMMIT")  # a full disk fails here: roll back, or every later write fails
+                except BaseException:
+                    if self._db.in_transaction:
+                        with contextlib.suppress(sqlite3.Error):
+                            self._db.execute("ROLLBACK")
+                    raise
+            except sqlite3.OperationalError as err:
+                if is_disk_full(err):
+                    raise StorageFull(f"{disk_full_message(self.outputs)} (the job database cannot grow)") from err
                 raise
-            self._db.execute("COMMIT")
 
     def _next_seq(self, db: sqlite3.Connection) -> int:
         return db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0]
@@ -729,6 +810,7 @@ class JobQueue:
 
     def _job(self, row: sqlite3.Row, position: int | None) -> Job:
         fields = dict(zip(_COLUMNS, tuple(row)))
+        fields.update(self._unsaved.get(fields["id"], {}))  # an outcome the full disk did not let us write yet
         problem = None
         for name in _JSON_COLUMNS:
             try:
@@ -753,7 +835,7 @@ class JobQueue:
             created=fields["created"], started=fields["started"], finished=fields["finished"],
             position=position if state == "queued" else None, progress=progress, result=fields["result"],
             error=problem or fields["error"], video=fields["video"], metadata=fields["metadata"],
-            parent=fields["parent"], resumable=resumable,
+            parent=fields["parent"], resumable=resumable, seq=fields["seq"],
         )  # fmt: skip
 
     def _save_record(self, job: Job) -> None:
@@ -761,7 +843,7 @@ class JobQueue:
         folder = self.jobs_dir / job.id
         if not folder.is_dir():
             return
-        record = {k: v for k, v in job.to_dict().items() if k not in ("position", "resumable")}
+        record = {k: v for k, v in job.to_dict().items() if k not in ("position", "resumable")}  # with seq
         with contextlib.suppress(OSError):
             tmp = folder / (RECORD + ".partial")
             tmp.write_text(json.dumps(record, indent=1) + "\n")
@@ -836,11 +918,16 @@ class JobQueue:
             self.problems.append(f"job {folder.name}: {error}")
             values = (folder.name, "failed", self.default_model, "{}", "{}", folder.stat().st_mtime, None, None,
                       "{}", "{}", error, None, None, None)  # fmt: skip
+        try:
+            seq = json.loads((folder / RECORD).read_text()).get("seq")
+        except (OSError, ValueError, AttributeError):
+            seq = None
         with self._write() as db:
+            seq = seq if isinstance(seq, int) and not isinstance(seq, bool) and seq > 0 else self._next_seq(db)
             db.execute(
                 "INSERT INTO jobs (id, seq, state, model, request, options, created, started, finished, progress,"
                 " result, error, video, metadata, parent) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (values[0], self._next_seq(db), *values[1:]),
+                (values[0], seq, *values[1:]),
             )
 
 
@@ -960,3 +1047,23 @@ def _state_event(job: Job) -> dict:
     if job.result:
         event["result"] = job.result
     return event
+
+
+def _space_needed(request: GenerationRequest, image_hw: tuple[int, int], model: str) -> int:
+    """About the most disk a job holds at once (framepack.outputs.disk_needed) for its start image size."""
+    from framepack.images import nearest_bucket
+    from framepack.registry import get_spec
+    from framepack.sections import pixel_frames, section_count
+
+    height, width = nearest_bucket(*image_hw, request.resolution or get_spec(model).default_resolution)
+    frames = pixel_frames(section_count(request.seconds, request.window), request.window)
+    return disk_needed(frames, height, width, request.window)
+
+
+def _check_runnable(stored: dict, folder: Path, model: str) -> None:
+    """The engine's whole request check (prompts, anchors, inputs against the model) at submission,
+    without loading any model, so the API refuses what the CLI refuses before a job is queued."""
+    from framepack.pipeline import check_request
+    from framepack.registry import get_spec
+
+    check_request(GenerationRequest.from_json_dict(_absolute(stored, folder)), get_spec(model))

@@ -3,10 +3,12 @@ memory), and where they go. `framepack generate --from result.json` re-runs a si
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import platform
 import random
+import shutil
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -40,11 +42,60 @@ def job_id() -> str:
     return f"{now:%y%m%d_%H%M%S}_{now.microsecond // 1000:03d}_{random.randint(0, 9999)}"
 
 
-def check_output(request: GenerationRequest) -> tuple[Path, Path]:
-    """(video path, sidecar path) for a request; RequestError if the folder cannot be written."""
+# Suffixes of videos we do not write: `--out x.webm` is an error naming .mp4, not a folder called x.webm.
+OTHER_VIDEO_SUFFIXES = frozenset({".webm", ".mkv", ".mov", ".avi", ".gif", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv",
+                                  ".ts", ".ogv", ".3gp"})  # fmt: skip
+
+
+@dataclass(frozen=True)
+class OutputPaths:
+    """Where a job writes. `video` / `metadata` are written while it runs; `replaces` is an existing
+    video the user allowed to be replaced (`overwrite`): the job then writes beside it, at
+    `<name>.partial.mp4`, and `commit()` moves video and sidecar over the old ones once it is complete,
+    so an interrupted run leaves the old video untouched."""
+
+    video: Path
+    metadata: Path
+    replaces: Path | None = None
+
+    def commit(self) -> tuple[Path, Path]:
+        """The finished video moved over the one it replaces (an atomic rename); returns where the video
+        is and where its sidecar goes."""
+        if self.replaces is None:
+            return self.video, self.metadata
+        os.replace(self.video, self.replaces)
+        return self.replaces, self.replaces.with_suffix(".json")
+
+
+def _inputs_of(request: GenerationRequest) -> list[tuple[str, Path]]:
+    named = [("--image", request.image), ("--end-image", request.end_image), ("--video", request.video)]
+    named += [(f"--keyframe {i + 1}", path) for i, (_, path) in enumerate(request.keyframes)]
+    return [(what, Path(p).expanduser()) for what, p in named if isinstance(p, str) and p and p != "<array>"]
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_output(request: GenerationRequest) -> OutputPaths:
+    """Where a request's video and sidecar go; RequestError (before any model runs) for an output that
+    cannot be written, that would replace an existing file without `overwrite`, or that is one of the
+    job's inputs (never allowed)."""
     target = Path(request.output or "outputs").expanduser()
-    video = target if target.suffix.lower() == ".mp4" else target / f"{job_id()}.mp4"
-    folder = video.parent
+    suffix = target.suffix.lower()
+    if suffix in OTHER_VIDEO_SUFFIXES:
+        raise RequestError(f"cannot write {target}: videos are written as MP4; give a path ending in .mp4 or a folder")
+    if suffix == ".mp4":
+        if target.is_dir():
+            raise RequestError(f"cannot write video to {target}: it is a folder; give a file path such as out.mp4")
+        folder, video = target.parent, target
+    else:
+        if target.exists() and not target.is_dir():
+            raise RequestError(f"--out {target} exists and is not a folder; give a folder or a path ending in .mp4")
+        folder, video = target, None
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".framepack-write-test-{os.getpid()}"
@@ -52,7 +103,68 @@ def check_output(request: GenerationRequest) -> tuple[Path, Path]:
         probe.unlink()
     except OSError as err:
         raise RequestError(f"cannot write to output folder {folder}: {err.strerror or err}") from None
-    return video, video.with_suffix(".json")
+    if video is None:  # a folder: a fresh job name
+        video = folder / f"{job_id()}.mp4"
+        while video.exists() or video.with_suffix(".json").exists():
+            video = folder / f"{job_id()}.mp4"
+    meta = video.with_suffix(".json")
+    for what, path in _inputs_of(request):
+        for out in (video, meta):
+            if _same_file(out, path) or out.resolve() == path.resolve():
+                raise RequestError(f"the output {out} is this job's input ({what} {path}); choose another --out "
+                                   "(an input is never written over)")  # fmt: skip
+    existing = [p for p in (video, meta) if p.exists()]
+    if not existing:
+        return OutputPaths(video, meta)
+    if not request.overwrite:
+        names = " and ".join(str(p) for p in existing)
+        raise RequestError(f"{names} already exist{'s' if len(existing) == 1 else ''}; pass --overwrite to replace "
+                           "it once the new video is complete, or choose another --out")  # fmt: skip
+    partial = video.with_name(f"{video.stem}.partial.mp4")
+    return OutputPaths(partial, partial.with_suffix(".json"), replaces=video)
+
+
+# ------------------------------------------------------------------------------------------ disk space
+BYTES_PER_PIXEL_FRAME = 0.25  # H.264 at crf 16 of noise-like tiny-model video (measured 0.22-0.24); footage needs less
+
+
+def disk_free(path: str | os.PathLike) -> int:
+    """Free bytes on the filesystem that holds `path` (its nearest existing folder)."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def disk_needed(frames: int, height: int, width: int, window: int = 9) -> int:
+    """About the most disk a job of `frames` frames at height x width holds at once: the MP4 and its
+    segments side by side while the finished file is joined (2x the video), the resume state's latent
+    history (fp32, 16 channels at 1/8 size) and 1 MiB of headroom."""
+    video = frames * height * width * BYTES_PER_PIXEL_FRAME
+    history = 4 * 16 * max(19, 2 * window + 1) * (height // 8) * (width // 8)
+    return int(2 * video + 2 * history + 2**20)
+
+
+def is_disk_full(err: BaseException | None) -> bool:
+    """An error (or one it was raised from) that means the disk is full: ENOSPC / EDQUOT, or SQLite's."""
+    seen = 0
+    while err is not None and seen < 8:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if type(err).__name__ == "OperationalError" and "full" in str(err):  # sqlite3: database or disk is full
+            return True
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return False
+
+
+def disk_full_message(folder: str | os.PathLike, needed: int | None = None) -> str:
+    free = disk_free(folder)
+    need = f"; this job needs about {_mib(needed)}" if needed else ""
+    return f"out of disk space in {folder}: {_mib(free)} free{need}. Free some space and try again"
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MB" if n < 2**30 else f"{n / 2**30:.2f} GB"
 
 
 @dataclass(frozen=True)
@@ -113,5 +225,9 @@ def write_metadata(result: GenerationResult, run: RunInfo) -> None:
         "timings": result.timings,
     }
     tmp = result.metadata.with_name(result.metadata.name + ".partial")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, result.metadata)
+    try:
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")
+        os.replace(tmp, result.metadata)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # never a half-written sidecar
+        raise

@@ -47,9 +47,9 @@ from framepack.events import (
 from framepack.inputs import JobInputs, prepare_inputs
 from framepack.memory import peaks, release_host_memory, reset_peaks
 from framepack.models.caches import StepCache, make_step_cache
-from framepack.outputs import GenerationResult, RunInfo, check_output, write_metadata
+from framepack.outputs import GenerationResult, OutputPaths, RunInfo, check_output, write_metadata
 from framepack.sections import FPS, ForwardSchedule, History, Schedule, Section, make_schedule
-from framepack.video import OverlapAssembler, SectionVideoWriter, to_uint8_frames
+from framepack.video import OverlapAssembler, SectionVideoWriter, probe, to_uint8_frames
 
 EventCallback = Callable[[object], None]
 
@@ -61,6 +61,15 @@ class GenerationFailed(RuntimeError):
 
     def __init__(self, message: str, result: GenerationResult) -> None:
         super().__init__(message)
+        self.result = result
+
+
+class GenerationInterrupted(KeyboardInterrupt):
+    """A KeyboardInterrupt (a second Ctrl-C) that stopped a job at once: raised again after the video of
+    the finished sections and the sidecar are written; `result` describes them."""
+
+    def __init__(self, result: GenerationResult) -> None:
+        super().__init__("interrupted")
         self.result = result
 
 
@@ -127,26 +136,32 @@ class Pipeline:
 
         Errors before the video exists (bad inputs, memory budget, missing weights) are raised as they
         are. Once it exists, a cancel gives a `Cancelled` result and an error a `GenerationFailed`
-        (from the original error), both with a playable MP4 of the finished sections and a sidecar.
+        (from the original error), both with a playable MP4 of the finished sections and a sidecar; a
+        KeyboardInterrupt writes them too and is raised again as `GenerationInterrupted`.
         """
         if image is not None and request.image is None:
             request = dataclasses.replace(request, image="<array>")
         plan = check_request(request, self.spec, image)
         run = JobRun(self, plan, on_event or _ignore, cancel or CancelToken(), state_dir)
+        interrupted = False
         try:
             run.condition()
             run.open_video()
             for section in run.pending():
                 run.section(section)
-        except GenerationCancelled:
+        except (GenerationCancelled, KeyboardInterrupt) as err:
             run.stop("cancelled")
+            interrupted = isinstance(err, KeyboardInterrupt)
         except Exception as err:
             if not run.started:
                 raise
             run.stop("failed", err)
         finally:
             run.release()
-        return run.close()
+        result = run.close()
+        if interrupted:
+            raise GenerationInterrupted(result)
+        return result
 
 
 def _ignore(event: object) -> None:
@@ -188,9 +203,9 @@ class JobRun:
         if self.saved is not None and (self.saved.request != request.to_json_dict()
                                        or self.saved.model != pipe.spec.name):  # fmt: skip
             raise RequestError(f"{state_dir} holds a different job's state (another request or model); cannot resume")
-        self.video_path, self.meta_path = (
-            check_output(request) if self.saved is None else (self.saved.video, self.saved.video.with_suffix(".json"))
-        )
+        saved = self.saved
+        self.out = OutputPaths(saved.video, saved.video.with_suffix(".json")) if saved else check_output(request)
+        self.video_path = self.out.video
         emit(JobPlanned(len(plan.sections), plan.frames, plan.prompt_times,
                         [(a.source, a.seconds) for a in plan.anchors]))  # fmt: skip
         self.timings: dict = {"sections": []}
@@ -395,15 +410,20 @@ class JobRun:
 
     def close(self) -> GenerationResult:
         """Write the MP4 (finished, or the finished sections) and the sidecar; report the outcome."""
-        video = self._close_video()
+        video, meta_path = self._close_video(), self.out.metadata
+        frames = self.writer.num_frames if video else 0
         if video is None and self.status == "finished":
             self.status = "failed"
+        if video is None and self.done and self.writer.path.is_file():  # finishing failed (a full disk, say):
+            video = self.writer.path  # the last snapshot stays playable, and the sidecar describes it
+            frames = probe(video)["frames"]
+        elif video is not None and self.status == "finished":
+            video, meta_path = self.out.commit()  # replacing an older video: only now that this one is complete
         release_host_memory()
         self.timings["total_s"] = round(time.perf_counter() - self.t0, 3)
         peak_vram, peak_rss = peaks(self.device)
-        frames = self.writer.num_frames if video else 0
         (height, width), request = self.plan.inputs.size, self.request
-        result = GenerationResult(self.status, video, self.meta_path, frames, frames / FPS, width, height, self.done,
+        result = GenerationResult(self.status, video, meta_path, frames, frames / FPS, width, height, self.done,
                                   len(self.plan.sections), request.seed, self.timings, peak_vram,
                                   peak_rss)  # fmt: skip
         error = None
@@ -420,7 +440,7 @@ class JobRun:
             self.emit(Cancelled(result))
         else:
             self.emit(Failed(error))
-            raise GenerationFailed(f"generation failed: {error} (partial results: {self.meta_path})",
+            raise GenerationFailed(f"generation failed: {error} (partial results: {meta_path})",
                                    result) from self.error  # fmt: skip
         return result
 

@@ -13,7 +13,8 @@ Contract:
 
 How the growing MP4 stays cheap (the official demo re-encodes all frames after every section):
   * Final frames are encoded once, each batch into its own small segment MP4 (one libx264 session,
-    starting with an IDR frame), kept in a hidden folder next to `path`. Segments are ordered by
+    starting with an IDR frame), kept in a hidden folder next to `path` (named with the writer's
+    process id: a later writer in that folder removes the folders of processes that died). Segments are ordered by
     display position (backward generation prepends them).
   * A snapshot encodes only the pending edge (<= overlap frames), then stream-copies the packets of
     all segments, in display order, into one MP4: no re-encoding, so encoding work over a whole job
@@ -34,6 +35,7 @@ Memory: the writer holds only the pending uint8 frames, the assembler only the f
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -48,6 +50,7 @@ import av
 import numpy as np
 import torch
 from einops import rearrange
+
 
 def _x264_params() -> str:
     """x264 settings shared by every segment of a writer (segments only join if their headers match).
@@ -202,7 +205,9 @@ class SectionVideoWriter:
                 self._parts = Path(parts_dir)
                 self._parts.mkdir(parents=True, exist_ok=True)
             else:
-                self._parts = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".parts", dir=folder))
+                _remove_stale_parts(folder)
+                self._parts = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.{os.getpid()}.", suffix=".parts",
+                                                    dir=folder))  # fmt: skip
         except OSError as e:
             raise ValueError(f"cannot write video to {self.path}: folder {folder} is not writable ({e})") from e
         # Temporary segments are removed even if the writer is dropped; persistent ones survive for a resume.
@@ -444,6 +449,25 @@ class SectionVideoWriter:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+
+
+_PARTS = re.compile(r"^\..+\.(\d+)\.[^.]+\.parts$")  # .NAME.PID.RANDOM.parts
+
+
+def _remove_stale_parts(folder: Path) -> None:
+    """Remove the hidden segment folders that writers of dead processes left in `folder` (a process
+    killed with SIGKILL never cleans up); a folder of a live process is left alone."""
+    for parts in folder.glob(".*.parts"):
+        m = _PARTS.match(parts.name)
+        if m is None or not parts.is_dir() or parts.is_symlink():
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+            continue  # alive (ours or another writer's)
+        except ProcessLookupError:
+            shutil.rmtree(parts, ignore_errors=True)
+        except (PermissionError, OverflowError, OSError):
+            continue  # another user's process, or not a pid: not ours to judge
 
 
 # ------------------------------------------------------------------------------------------ assembler

@@ -147,6 +147,21 @@ def test_bad_inputs_get_precise_4xx(client, queue):
     assert "image" in detail(_submit(client, {**FAST, "image": "/etc/passwd"}), 422)
     assert "preserved_memory_gb" in detail(_submit(client, preserved_memory_gb="-3"), 422)
     assert "image: Field required" in detail(client.post("/api/jobs", data={"params": "{}"}), 422)  # no image
+    # the engine's whole check runs at submission: what the CLI refuses up front is refused here too
+    assert "must increase: 2s comes after 5s" in detail(_submit(client, {**FAST, "prompt": "[0s: a] [5s: b] [2s: c]",
+                                                                         "seconds": 6}), 422)  # fmt: skip
+    end = {"end_image": ("end.png", png_bytes(seed=3), "image/png")}
+    r = client.post("/api/jobs", files={"image": ("in.png", png_bytes(), "image/png"), **end},
+                    data={"params": json.dumps(FAST), "model": "tiny-f1"})  # fmt: skip
+    assert "end frame needs the original" in detail(r, 422)
+    # strict types, in the CLI's words: nothing is coerced
+    for bad, message in ((("seconds", True), "seconds must be a number in 0.1..3600, got True"),
+                         (("steps", "25"), "steps must be a number in 1..100, got '25'"),
+                         (("seed", "7"), "seed must be a number in 0.."),
+                         (("seed", 7.0), "seed must be a whole number"),
+                         (("teacache", "yes"), "teacache must be true or false, got 'yes'"),
+                         (("prompt", 5), "prompt must be text, got 5")):  # fmt: skip
+        assert message in detail(_submit(client, {**FAST, bad[0]: bad[1]}), 422), bad
     assert queue.list() == []  # none of these created a job
 
     for method, url in (("GET", "/api/jobs/nope"), ("POST", "/api/jobs/nope/cancel"), ("DELETE", "/api/jobs/nope"),

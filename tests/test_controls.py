@@ -27,6 +27,12 @@ from framepack.video import probe, read_frames
         ("[0: a] [1.2s:b]", [(0.0, "a"), (1.2, "b")]),
         ("  [0s : waves ]\n[ 3 s: jumps, then lands ]  ", [(0.0, "waves"), (3.0, "jumps, then lands")]),
         ("a plain prompt, no times", [(0.0, "a plain prompt, no times")]),
+        # only a bracket group that starts with a time is a timestamp; other brackets are prompt text
+        ("a man [wearing a hat] walks", [(0.0, "a man [wearing a hat] walks")]),
+        ("[zero: a]", [(0.0, "[zero: a]")]),
+        ("a [b [c] d", [(0.0, "a [b [c] d")]),
+        (r"a man \[wearing\] walks", [(0.0, "a man [wearing] walks")]),  # escaped: the same, written out
+        (r"[0s: a man \[in a hat\] waves] [2s: he jumps]", [(0.0, "a man [in a hat] waves"), (2.0, "he jumps")]),
     ],
 )
 def test_timestamp_parsing_valid(text, expected):
@@ -39,7 +45,9 @@ def test_timestamp_parsing_valid(text, expected):
         ("[0s: a] [2s b]", "text outside brackets|malformed"),
         ("[0s: a] [2s: b", "malformed timestamped prompt"),
         ("0s: a] [2s: b]", "text outside brackets"),
-        ("[zero: a]", "bad time 'zero'"),
+        ("[0.5x: a]", "bad time '0.5x'"),
+        ("[0s: a] [wearing a hat]", r"malformed.*written \\\[ or \\\]"),  # the error says how to escape
+        ("[0s: a man [in a hat] waves]", "a \\[ is not closed"),
         ("[-1s: a]", "bad time '-1s'"),
         ("[1s: a]", "the first prompt must start at 0s"),
         ("[0s: a] [3s: b] [2s: c]", "prompt times must increase: 2s comes after 3s"),

@@ -466,7 +466,8 @@ def test_huge_header_refused_before_decoding(side, monkeypatch):
 
     monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
     message = _message(data)
-    assert "too large" in message and f"{MAX_PIXELS:,}" in message
+    assert "too large" in message and f"{MAX_PIXELS:,}" in message and f"{side * side:,} pixels" in message
+    assert "178956970" not in message and "DOS" not in message  # our limit only, not PIL's bomb limit too
 
 
 def test_wrong_source_type():

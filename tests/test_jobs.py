@@ -166,6 +166,33 @@ def test_restart_interrupts_running_jobs_and_reports_damage(tmp_path):
         assert list(tmp_path.glob("jobs.sqlite3.damaged-*"))
 
 
+def test_queue_order_and_deletes_survive_a_database_rebuild(tmp_path):
+    """A reordered queue keeps its order when the database is rebuilt from the job.json files, and a job
+    whose folder is a symbolic link is really gone after a delete (the link, not what it points to)."""
+    with _queue(tmp_path, worker=False) as q:
+        a, b, c = (q.submit(png_bytes(seed=i), FAST).id for i in range(3))
+        q.move(c, 0)
+        elsewhere = tmp_path.parent / f"{tmp_path.name}-elsewhere"
+        (q.jobs_dir / b).rename(elsewhere)
+        (q.jobs_dir / b).symlink_to(elsewhere, target_is_directory=True)
+        q.delete(b)
+        assert not (q.jobs_dir / b).exists() and (elsewhere / "input.png").is_file()
+        assert [j.id for j in q.list(["queued"])] == [c, a]
+    (tmp_path / "jobs.sqlite3").write_bytes(b"not a database" * 100)  # damaged: rebuilt from the records
+    for suffix in ("-wal", "-shm"):
+        (tmp_path / f"jobs.sqlite3{suffix}").unlink(missing_ok=True)
+    with _queue(tmp_path, worker=False) as q:
+        assert [j.id for j in q.list(["queued"])] == [c, a]  # the move is kept; the deleted job stays deleted
+
+
+def test_keyframes_of_the_wrong_kind_are_one_problem():
+    from framepack.config import GenerationRequest
+
+    with pytest.raises(RequestError) as err:
+        GenerationRequest(prompt="x", keyframes="oops").validate()
+    assert str(err.value).count("keyframes") == 1 and "must be a list of (seconds, image path) pairs" in str(err.value)
+
+
 def test_one_queue_per_outputs_folder(tmp_path):
     with _queue(tmp_path, worker=False):
         with pytest.raises(JobError, match="already served"):

@@ -598,3 +598,28 @@ def test_the_same_frames_give_the_same_file_every_time():
     for size in range(3):
         files = {r[size] for r in results}
         assert len(files) == 1 and "," not in files.pop(), f"size {size}: {[r[size][:20] for r in results]}"
+
+
+def test_segment_folders_of_killed_processes_are_cleaned_up(tmp_path):
+    """A writer killed with SIGKILL leaves its hidden segment folder; the next writer in that folder
+    removes it, and leaves the folders of writers that are still alive (this process's, here)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import os, signal, sys, numpy as np\n"
+        "from framepack.video import SectionVideoWriter\n"
+        "w = SectionVideoWriter(sys.argv[1])\n"
+        "w.add_final(np.zeros((2, 16, 16, 3), np.uint8))\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "killed.mp4")], check=False)
+    (stale,) = tmp_path.glob(".killed.mp4.*.parts")
+    assert list(stale.glob("*.mp4"))  # the dead writer's segment is there
+    alive = SectionVideoWriter(tmp_path / "alive.mp4")
+    alive.add_final(moving_frames(2, 0))
+    later = SectionVideoWriter(tmp_path / "later.mp4")
+    assert not stale.exists() and alive._parts.is_dir() and later._parts.is_dir()
+    later.abort()
+    alive.finish()
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".parts")] == []

@@ -20,7 +20,8 @@ mounts the Gradio page on the same app, so both servers answer the same routes.
 
 Errors are JSON `{"detail": "..."}`: 401 missing/wrong token, 404 unknown job or file, 400 a path that
 leaves the outputs folder, 409 an operation that does not fit the job's state, 413 an upload over the
-limit, 422 bad parameters or an unusable image (the message names every problem).
+limit, 422 bad parameters or an unusable image (the message names every problem), 507 not enough disk
+space for the job (free and needed), 500 anything unexpected (still JSON).
 Auth: when a token is configured every /api/ request needs `Authorization: Bearer TOKEN` (or
 `?token=TOKEN`, for <video> tags and EventSource, which cannot set headers).
 """
@@ -41,7 +42,7 @@ from fastapi import FastAPI, File, Form, Header, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 import framepack
 from framepack.config import REQUEST_FIELDS, GenerationRequest, RequestError
@@ -55,6 +56,7 @@ from framepack.jobs import (
     JobError,
     JobNotFound,
     JobQueue,
+    StorageFull,
     request_fields,
 )
 
@@ -166,13 +168,14 @@ class Info(BaseModel):
     max_upload_bytes: int
     auth: bool
     jobs: dict[str, int]
+    storage: str | None = Field(None, description="why queued jobs wait or submissions are refused (disk space)")
 
 
 class ErrorBody(BaseModel):
     detail: str
 
 
-_ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 409, 413, 422)}
+_ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 409, 413, 422, 507)}
 
 
 # ------------------------------------------------------------------------------------- the app
@@ -217,7 +220,8 @@ def create_app(
     @app.get("/api/info", response_model=Info, tags=["server"])
     def get_info() -> Info:
         return Info(version=framepack.__version__, models=list(queue.models), default_model=queue.default_model,
-                    max_upload_bytes=max_upload_bytes, auth=token is not None, jobs=queue.counts())  # fmt: skip
+                    max_upload_bytes=max_upload_bytes, auth=token is not None, jobs=queue.counts(),
+                    storage=queue.storage_problem)  # fmt: skip
 
     @app.get("/api/params", response_model=JobParams, tags=["server"])
     def get_params() -> Any:
@@ -346,13 +350,12 @@ def _parse_params(text: str) -> dict:
 
 
 def _validated(fields: dict) -> dict:
-    """Type-check against JobParams (one line per problem); ranges are checked by the request itself."""
-    try:
-        model = JobParams.model_validate(fields)
-    except ValidationError as err:
-        problems = [f"{'.'.join(str(p) for p in e['loc']) or 'params'}: {e['msg']}" for e in err.errors()]
-        raise RequestError("invalid request: " + "; ".join(problems)) from None
-    return model.model_dump(include=set(fields))
+    """The parameters as sent: no coercion (pydantic's lax mode would turn "25" into 25 and true into 1.0).
+    The queue checks them with the engine's own `GenerationRequest.validate` (strict types, ranges,
+    unknown and server-owned fields), so the API and the CLI refuse the same things in the same words."""
+    if not isinstance(fields, dict):
+        raise RequestError(f"params must be a JSON object, got {type(fields).__name__}")
+    return dict(fields)
 
 
 async def _sse(queue: JobQueue, job_id: str, after: int) -> AsyncIterator[str]:
@@ -413,10 +416,15 @@ def _add_error_handlers(app: FastAPI, max_upload_bytes: int) -> None:
         problems = [f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}" for e in exc.errors()]
         return JSONResponse({"detail": "invalid request: " + "; ".join(problems)}, status_code=422)
 
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # anything else still answers JSON (never a bare-text 500); the server goes on serving
+        return JSONResponse({"detail": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
+
     app.add_exception_handler(RequestValidationError, invalid)
-    for exc_type, status in ((JobNotFound, 404), (FileAccessError, 400), (JobConflict, 409), (JobError, 409),
-                             (RequestError, 422), (ImageError, 422), (_TooLarge, 413)):  # fmt: skip
-        app.add_exception_handler(exc_type, handler(status))
+    for exc_type, status in ((JobNotFound, 404), (FileAccessError, 400), (JobConflict, 409), (StorageFull, 507),
+                             (JobError, 409), (RequestError, 422), (ImageError, 422), (_TooLarge, 413),
+                             (Exception, 500)):  # fmt: skip
+        app.add_exception_handler(exc_type, handler(status) if exc_type is not Exception else unexpected)
 
 
 class _Guard:

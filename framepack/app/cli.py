@@ -90,13 +90,15 @@ def _build_request(args: argparse.Namespace):
     model = args.model
     if args.from_json:
         try:
-            stored = json.loads(Path(args.from_json).read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise RequestError(f"cannot read {args.from_json}: {err}") from None
-        if "request" not in stored:
+            stored = json.loads(Path(args.from_json).read_text(encoding="utf-8"))
+        except OSError as err:
+            raise RequestError(f"cannot read {args.from_json}: {err.strerror or err}") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise RequestError(f"{args.from_json} is not a FramePack result (a .json sidecar): {err}") from None
+        if not isinstance(stored, dict) or not isinstance(stored.get("request"), dict):
             raise RequestError(f"{args.from_json} is not a FramePack result (no 'request' entry)")
-        base = stored["request"]
-        model = model or stored.get("model", {}).get("name")
+        base = {k: v for k, v in stored["request"].items() if k != "overwrite"}  # replacing files: asked each time
+        model = model or (stored.get("model") or {}).get("name")
     fields = {f.name for f in dataclasses.fields(GenerationRequest)}
     overrides = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     if args.prompts_file:
@@ -115,7 +117,10 @@ def _read_prompts_file(path: str) -> str:
         lines = [line.strip() for line in open(path, encoding="utf-8") if line.strip() and not line.startswith("#")]
     except OSError as err:
         raise RequestError(f"cannot read prompts file {path}: {err.strerror or err}") from None
-    return " ".join(line if line.startswith("[") else f"[{line}]" for line in lines)
+    def block(line: str) -> str:  # 'TIME: prompt' -> '[TIME: prompt]', brackets in the prompt escaped
+        return line if line.startswith("[") else "[" + line.replace("[", "\\[").replace("]", "\\]") + "]"
+
+    return " ".join(block(line) for line in lines)
 
 
 def _parse_keyframe(text: str) -> tuple[float, str]:
@@ -173,13 +178,14 @@ def _generate(args: argparse.Namespace) -> int:
 
     from framepack.config import RuntimeOptions
     from framepack.events import CancelToken
-    from framepack.outputs import check_output
-    from framepack.pipeline import check_request, load_pipeline
+    from framepack.outputs import check_output, disk_full_message, disk_needed, is_disk_full
+    from framepack.pipeline import GenerationFailed, GenerationInterrupted, check_request, load_pipeline
     from framepack.registry import get_spec
 
     request, model = _build_request(args)
-    check_request(request, get_spec(model))  # fail fast on bad inputs or output folder, before loading weights
+    plan = check_request(request, get_spec(model))  # fail fast on bad inputs or output, before loading weights
     check_output(request)
+    needed = disk_needed(plan.frames, *plan.inputs.size, request.window)
     if args.offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
     print(f"loading model {model!r} ...", file=sys.stderr)
@@ -189,16 +195,36 @@ def _generate(args: argparse.Namespace) -> int:
                          options=options)  # fmt: skip
     cancel = CancelToken()
 
+    presses = []
+
     def on_sigint(signum, frame):
-        if cancel.cancelled:
+        presses.append(1)
+        if len(presses) == 1:
+            print("\ncancelling after this step (Ctrl-C again to stop at once) ...", file=sys.stderr)
+            cancel.cancel()
+        elif len(presses) == 2:
+            print("\nstopping now; writing the video of the finished sections ...", file=sys.stderr)
             raise KeyboardInterrupt
-        print("\ncancelling after this step (Ctrl-C again to stop at once) ...", file=sys.stderr)
-        cancel.cancel()
+        else:  # the partial video and its sidecar are being written: let that finish
+            print("\nstill writing the partial video; one moment ...", file=sys.stderr)
 
     previous = signal.signal(signal.SIGINT, on_sigint)
     progress = _Progress(args.quiet)
     try:
         result = pipe.generate(request, on_event=progress, cancel=cancel)
+    except GenerationInterrupted as stop:
+        progress.close()
+        r = stop.result
+        kept = f"{r.video} holds the {r.frames} frames finished" if r.video else "no section had finished"
+        print(f"interrupted: {kept}; settings in {r.metadata}", file=sys.stderr)
+        return 130
+    except GenerationFailed as err:
+        progress.close()
+        r = err.result
+        why = disk_full_message(Path(r.metadata).parent, needed) if is_disk_full(err) else str(err.__cause__ or err)
+        kept = f"{r.video} holds the {r.frames} frames finished" if r.video else "no section had finished"
+        print(f"error: generation failed: {why}\n{kept}; settings in {r.metadata}", file=sys.stderr)
+        return 1
     finally:
         progress.close()
         signal.signal(signal.SIGINT, previous)

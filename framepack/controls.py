@@ -59,8 +59,9 @@ def _groups(text: str) -> list[tuple[int, int, str]]:
             while j < len(text) and text[j] not in "[]":
                 j += 2 if text[j] == "\\" and text[j + 1 : j + 2] in ("[", "]") else 1
             if j >= len(text) or text[j] == "[":
-                raise ControlError(f"malformed timestamped prompt near {text[i : i + 40]!r}: a [ is not closed; "
-                                   f"expected [TIME: prompt] blocks such as '[0s: a man waves] [2.5s: he jumps]' "
+                what = "a [ is not closed" if j >= len(text) else "a [ inside a [TIME: prompt] block"
+                raise ControlError(f"malformed timestamped prompt near {text[i : i + 40]!r}: {what}; expected "
+                                   f"[TIME: prompt] blocks such as '[0s: a man waves] [2.5s: he jumps]' "
                                    f"({_ESCAPES})")  # fmt: skip
             out.append((i, j + 1, text[i + 1 : j]))
             i = j + 1

@@ -47,7 +47,8 @@ def test_timestamp_parsing_valid(text, expected):
         ("0s: a] [2s: b]", "text outside brackets"),
         ("[0.5x: a]", "bad time '0.5x'"),
         ("[0s: a] [wearing a hat]", r"malformed.*written \\\[ or \\\]"),  # the error says how to escape
-        ("[0s: a man [in a hat] waves]", "a \\[ is not closed"),
+        ("[0s: a man [in a hat] waves]", "a \\[ inside a \\[TIME: prompt\\] block"),
+        ("[0s: a] [2s: b", "a \\[ is not closed"),
         ("[-1s: a]", "bad time '-1s'"),
         ("[1s: a]", "the first prompt must start at 0s"),
         ("[0s: a] [3s: b] [2s: c]", "prompt times must increase: 2s comes after 3s"),

@@ -900,6 +900,7 @@ class JobQueue:
                 self.problems.append(f"job {job.id}: {job.error}")
 
     def _import_folder(self, folder: Path) -> None:
+        seq = None  # the record's queue position (a reorder survives the rebuild), else after the others
         try:
             record = json.loads((folder / RECORD).read_text())
             if not isinstance(record, dict) or not isinstance(record.get("request"), dict):
@@ -912,16 +913,13 @@ class JobQueue:
                       record.get("finished"), json.dumps(record.get("progress") or {}),
                       json.dumps(record.get("result") or {}), record.get("error"), record.get("video"),
                       record.get("metadata"), record.get("parent"))  # fmt: skip
+            seq = record.get("seq")
             self.problems.append(f"job {folder.name}: re-imported from its {RECORD}")
         except (OSError, ValueError, TypeError) as err:
             error = f"the job folder {folder} has no readable {RECORD} ({err})"
             self.problems.append(f"job {folder.name}: {error}")
             values = (folder.name, "failed", self.default_model, "{}", "{}", folder.stat().st_mtime, None, None,
                       "{}", "{}", error, None, None, None)  # fmt: skip
-        try:
-            seq = json.loads((folder / RECORD).read_text()).get("seq")
-        except (OSError, ValueError, AttributeError):
-            seq = None
         with self._write() as db:
             seq = seq if isinstance(seq, int) and not isinstance(seq, bool) and seq > 0 else self._next_seq(db)
             db.execute(

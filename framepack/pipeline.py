@@ -463,8 +463,11 @@ class JobRun:
                 writer.keep_segments()  # the snapshot written after the last section stays playable
                 return writer.path
             return self.assembler.finish(complete=False)
-        except Exception as err:
-            writer.abort()
+        except Exception as err:  # e.g. a full disk while the finished file is joined
+            if self.state_dir is not None and self.done:
+                writer.keep_segments()  # the saved state and the segments let a resume finish it later
+            else:
+                writer.abort()
             if self.error is None:
                 self.error = err
             return None

@@ -102,3 +102,36 @@ def test_resume_checks_the_request(env, tmp_path):
     (state / "history.safetensors").write_bytes(b"damaged")
     with pytest.raises(ValueError, match="saved state is missing or damaged"):
         pipes["tiny"].generate(req, state_dir=state)
+
+
+def test_a_resumable_job_whose_finished_file_could_not_be_written_resumes(env, tmp_path, monkeypatch):
+    """A full disk while the finished MP4 is joined: the job fails, but its state and segments stay, so
+    a resume (with space again) only joins the file: the same bytes as a run that never failed."""
+    import errno
+
+    from conftest import assert_same_file
+
+    from framepack.pipeline import GenerationFailed
+    from framepack.video import SectionVideoWriter
+
+    pipes, img = env
+    req = GenerationRequest(image=img, prompt="a red box", steps=2, seconds=2 * 1.2, output=str(tmp_path / "a"))
+    reference = pipes["tiny"].generate(req)
+    real = SectionVideoWriter._join
+
+    def full(self, segments, dest, *, faststart):
+        if faststart:
+            raise OSError(errno.ENOSPC, "No space left on device", str(dest))
+        return real(self, segments, dest, faststart=faststart)
+
+    state = tmp_path / "state"
+    req2 = GenerationRequest(**{**req.to_json_dict(), "output": str(tmp_path / "b")})
+    monkeypatch.setattr(SectionVideoWriter, "_join", full)
+    with pytest.raises(GenerationFailed) as failed:
+        pipes["tiny"].generate(req2, state_dir=state)
+    assert isinstance(failed.value.__cause__, OSError) and failed.value.result.frames == probe(
+        failed.value.result.video)["frames"] == 73  # fmt: skip
+    monkeypatch.setattr(SectionVideoWriter, "_join", real)
+    done = pipes["tiny"].generate(req2, state_dir=state)
+    assert done.status == "finished" and not state.exists()
+    assert_same_file(reference.video, done.video)

@@ -1051,10 +1051,12 @@ def _space_needed(request: GenerationRequest, image_hw: tuple[int, int], model: 
     """About the most disk a job holds at once (framepack.outputs.disk_needed) for its start image size."""
     from framepack.images import nearest_bucket
     from framepack.registry import get_spec
-    from framepack.sections import pixel_frames, section_count
+    from framepack.sections import make_schedule
 
-    height, width = nearest_bucket(*image_hw, request.resolution or get_spec(model).default_resolution)
-    frames = pixel_frames(section_count(request.seconds, request.window), request.window)
+    spec = get_spec(model)
+    height, width = nearest_bucket(*image_hw, request.resolution or spec.default_resolution)
+    schedule = make_schedule(spec.schedule, request.window)
+    frames = schedule.frames(len(schedule.sections_for(request.seconds)))  # as JobPlan.frames (no input video)
     return disk_needed(frames, height, width, request.window)
 
 

@@ -28,15 +28,20 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 
 def _add_generate(sub) -> None:
-    from framepack.config import REQUEST_FIELDS
+    import typing
+
+    from framepack.config import REQUEST_FIELDS, GenerationRequest
     from framepack.registry import REGISTRY
 
     p = sub.add_parser("generate", help="image-to-video generation", description="Generate a video from an image.")
     groups: dict = {}
+    fields = {f.name: f for f in dataclasses.fields(GenerationRequest)}
+    hints = typing.get_type_hints(GenerationRequest)
     for name, info in REQUEST_FIELDS.items():  # one flag per request field, help and checks from the field table
         if info.group and info.group not in groups:
             groups[info.group] = p.add_argument_group(info.group)
-        _add_request_flag(groups.get(info.group, p), name, info)
+        if info.cli:
+            _add_request_flag(groups.get(info.group, p), name, info, fields[name].default, hints[name])
     p.add_argument("--model", default=None, choices=sorted(REGISTRY), help="default: original (tiny with --from none)")
     p.add_argument("--from", dest="from_json", help="re-run the request stored in a result .json (flags override)")
     c = groups[CONTROLS]
@@ -59,17 +64,11 @@ def _add_generate(sub) -> None:
     p.set_defaults(func=_generate)
 
 
-def _add_request_flag(p, name: str, info) -> None:
-    """`--field-name` (or the field's own flag) for a GenerationRequest field; unset flags stay None, so
-    `--from` and the request's defaults fill them."""
+def _add_request_flag(p, name: str, info, default, kind) -> None:
+    """`--field-name` (or the field's own flag) for a GenerationRequest field of type `kind`; unset flags
+    stay None, so `--from` and the request's defaults fill them."""
     import typing
 
-    from framepack.config import GenerationRequest
-
-    if not info.cli:
-        return
-    default = {f.name: f.default for f in dataclasses.fields(GenerationRequest)}[name]
-    kind = typing.get_type_hints(GenerationRequest)[name]
     kind = next((t for t in typing.get_args(kind) if t is not type(None)), kind)  # X | None -> X
     if isinstance(default, bool):
         shown = "on" if default else "off"

@@ -1,10 +1,10 @@
 """FramePack: next-frame-section video generation with packed frame context.
 
-Public API: `load_pipeline`, `Pipeline`, `GenerationRequest`, `framepack.events`, and for the
+Public API: `load_pipeline`, `Pipeline`, `GenerationRequest` (+ `LoraRef`), `framepack.events`, and for the
 transformer alone `load_transformer` / `save_transformer`.
 """
 
-from framepack.config import GenerationRequest, TransformerConfig
+from framepack.config import GenerationRequest, LoraRef, TransformerConfig
 from framepack.models.transformer import FramePackTransformer
 from framepack.weights import CheckpointError, load_transformer, save_transformer
 
@@ -12,6 +12,7 @@ __all__ = [
     "CheckpointError",
     "FramePackTransformer",
     "GenerationRequest",
+    "LoraRef",
     "Pipeline",
     "TransformerConfig",
     "load_pipeline",

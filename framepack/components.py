@@ -75,7 +75,10 @@ class Components:
     image_encoder: ImageEncoder
     prompt_cache: PromptCache
     options: RuntimeOptions = field(default_factory=RuntimeOptions)
+    originals: object | None = None  # weights.CheckpointTensors: the transformer's weights as loaded
     _text: TextEncoder | None = field(default=None, repr=False)
+    _libraries: dict = field(default_factory=dict, repr=False)
+    _merger: object | None = field(default=None, repr=False)
 
     @property
     def managed(self) -> bool:
@@ -121,6 +124,42 @@ class Components:
             "image_embeddings": siglip.to(dev, dt),
             "guidance": torch.tensor([guidance * 1000.0], device=dev, dtype=dt),  # bf16: 10000 -> 9984
         }
+
+    # ---------------------------------------------------------------------------- LoRAs
+    @functools.cached_property
+    def lora_targets(self):
+        """The transformer's Linears and every LoRA spelling of them (`models.lora.TargetTable`)."""
+        from framepack.models.lora import TargetTable
+
+        return TargetTable.of(self.transformer)
+
+    def lora_library(self):
+        """The LoRA folder of the current options (`--lora-dir`, default <FRAMEPACK_HOME>/loras)."""
+        from framepack.lora import LoraLibrary
+
+        folder = self.options.lora_dir
+        if folder not in self._libraries:
+            self._libraries[folder] = LoraLibrary(folder)
+        return self._libraries[folder]
+
+    def prepare_loras(self, request) -> list:
+        """The request's LoRAs found, read and checked against this transformer (LoraError otherwise)."""
+        if not request.loras:
+            return []
+        return self.lora_library().load(tuple(request.loras), self.lora_targets, request.lora_include,
+                                        request.lora_exclude)  # fmt: skip
+
+    def apply_loras(self, loaded: list) -> dict | None:
+        """Merge `loaded` into the transformer in place of what the previous job merged (None: nothing to do)."""
+        from framepack.lora import KeptWeights, LoraMerger
+
+        if self._merger is None:
+            if not loaded:
+                return None
+            self._merger = LoraMerger(self.transformer, self.originals or KeptWeights(self.transformer))
+        if not loaded and not self._merger.active:
+            return None
+        return self._merger.apply(loaded)
 
     # ---------------------------------------------------------------------------- memory
     def plan_job(self, *, height: int, width: int, window: int, with_text: bool) -> MemoryManager | NullMemory:
@@ -216,6 +255,7 @@ def load_components(
     options: RuntimeOptions | None = None,
 ) -> Components:
     from framepack.models.quant import quantize_fp8_
+    from framepack.weights import CheckpointTensors
 
     options = options or RuntimeOptions()
     spec = get_spec(model)
@@ -241,4 +281,5 @@ def load_components(
         image_encoder=load_image_encoder(paths, dtype=e_dtype, device=host),
         prompt_cache=PromptCache(prompt_cache_dir if prompt_cache_dir is not None else default_cache_dir()),
         options=options,
+        originals=CheckpointTensors(paths["transformer"], t_dtype),  # LoRA switching restores from here
     )

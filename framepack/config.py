@@ -148,6 +148,7 @@ class FieldInfo:
 
 
 CONTROLS = "section controls"
+LORAS = "LoRA"
 REQUEST_FIELDS: dict[str, FieldInfo] = {
     "image": FieldInfo("start image (PNG, JPEG, WebP, ...)"),
     "prompt": FieldInfo("what happens in the video; timestamped: '[0s: a man waves] [2.4s: he jumps]'"),
@@ -180,7 +181,45 @@ REQUEST_FIELDS: dict[str, FieldInfo] = {
     "video": FieldInfo("extend this video (MP4, WebM, GIF) instead of starting from an image", group=CONTROLS),
     "video_context_frames": FieldInfo("input video frames that feed the context", (1, 1000), group=CONTROLS),
     "t2v_start": FieldInfo("text-to-video start frame: color:#RRGGBB or generate", group=CONTROLS),
+    "loras": FieldInfo("LoRA file and weight, FILE[:WEIGHT] (repeatable; weight default 1, negative allowed; a "
+                       "bare name is looked up in the LoRA folder)", flag="--lora", group=LORAS, cli=False),
+    "lora_include": FieldInfo("apply the LoRAs only to transformer modules whose name matches this regex "
+                              "(e.g. 'single_transformer_blocks')", group=LORAS),
+    "lora_exclude": FieldInfo("leave out the modules whose name matches this regex (e.g. 'norm')", group=LORAS),
 }
+
+LORA_WEIGHT_RANGE = (-20.0, 20.0)
+
+
+@dataclass(frozen=True)
+class LoraRef:
+    """One LoRA of a request: a file (a path, or a name in the LoRA folder), its weight, and the file's
+    sha256 once known (a re-run from a sidecar finds the file by hash when the path has moved)."""
+
+    path: str
+    weight: float = 1.0
+    sha256: str | None = None
+
+    def problem(self) -> str | None:
+        if not isinstance(self.path, str) or not self.path.strip():
+            return f"a LoRA needs a file path, got {self.path!r}"
+        w, (lo, hi) = self.weight, LORA_WEIGHT_RANGE
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not lo <= w <= hi:
+            return f"LoRA {self.path}: weight must be a number in {lo:g}..{hi:g}, got {w!r}"
+        sha = self.sha256
+        if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
+            return f"LoRA {self.path}: sha256 must be 64 lowercase hex digits, got {self.sha256!r}"
+        return None
+
+    @classmethod
+    def from_json(cls, value: Any) -> LoraRef:
+        if isinstance(value, LoraRef):
+            return value
+        if isinstance(value, str):
+            return cls(value)
+        if isinstance(value, dict) and set(value) <= {"path", "weight", "sha256"} and "path" in value:
+            return cls(**value)
+        raise RequestError(f"a LoRA is {{'path': FILE, 'weight': number}} (or a file path), got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -215,6 +254,10 @@ class GenerationRequest:
     video: str | None = None  # extend this video (MP4 / WebM / GIF) instead of starting from an image
     video_context_frames: int = 73  # the input video's last frames encoded into the context (F1)
     t2v_start: str = "color:#808080"  # no image and no video: "color:#RRGGBB" start frame, or "generate"
+    # --- LoRAs (framepack.lora): merged into the transformer for this job, taken out for the next
+    loras: tuple[LoraRef, ...] = ()
+    lora_include: str | None = None  # regex on module names: only these get the LoRAs' deltas
+    lora_exclude: str | None = None  # regex on module names: these keep their weights
 
     def validate(self) -> GenerationRequest:
         """Every problem at once, in one RequestError. Types are checked strictly (a JSON `"steps": "25"`
@@ -234,6 +277,19 @@ class GenerationRequest:
             if not (isinstance(kf, (tuple, list)) and len(kf) == 2 and isinstance(kf[0], (int, float))
                     and not isinstance(kf[0], bool) and isinstance(kf[1], str)):  # fmt: skip
                 p.append(f"keyframes are (seconds, image path) pairs, got {kf!r}")
+        if not isinstance(self.loras, (tuple, list)) or not all(isinstance(r, LoraRef) for r in self.loras):
+            p.append(f"loras must be a list of {{path, weight}} entries, got {self.loras!r}")
+        else:
+            p.extend(problem for r in self.loras if (problem := r.problem()))
+            for name in ("lora_include", "lora_exclude"):
+                pattern = getattr(self, name)
+                if isinstance(pattern, str):
+                    try:
+                        re.compile(pattern)
+                    except re.error as err:
+                        p.append(f"{name} {pattern!r} is not a valid regular expression: {err}")
+            if (self.lora_include or self.lora_exclude) and not self.loras:
+                p.append("lora_include / lora_exclude need at least one LoRA")
         for name, info in REQUEST_FIELDS.items():
             v = getattr(self, name)
             if v is None and name in _OPTIONAL:
@@ -260,11 +316,14 @@ class GenerationRequest:
             raise RequestError(f"unknown request fields {unknown}; accepted: {sorted(known)}")
         if "keyframes" in d and isinstance(d["keyframes"], (list, tuple)):  # JSON lists -> tuples
             d = {**d, "keyframes": tuple(tuple(k) if isinstance(k, list) else k for k in d["keyframes"])}
+        if "loras" in d and isinstance(d["loras"], (list, tuple)):
+            d = {**d, "loras": tuple(LoraRef.from_json(r) for r in d["loras"])}
         return cls(**d)
 
     def to_json_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["keyframes"] = [list(k) for k in self.keyframes]
+        d["loras"] = list(d["loras"]) if isinstance(d["loras"], (tuple, list)) else d["loras"]  # LoraRefs as dicts
         return d
 
 
@@ -302,6 +361,7 @@ class RuntimeOptions:
     keep_text_encoders: bool = False  # keep LLaMA + CLIP after encoding (more RAM, faster new prompts)
     memory: str = "auto"  # "auto": manage device memory on accelerators; "managed": also on the CPU; "off"
     device_free_bytes: int | None = None  # pretend this much device memory is free (tests, planning)
+    lora_dir: str | None = None  # where bare LoRA names and hashes are looked up (default <FRAMEPACK_HOME>/loras)
 
     def __post_init__(self) -> None:
         if self.memory not in MEMORY_MODES:

@@ -46,6 +46,15 @@ class JobPlanned:
 
 
 @dataclass(frozen=True)
+class LorasApplied:
+    """The job's LoRAs are merged into the transformer (before any sampling)."""
+
+    lines: list[str]  # one per file: format, rank, alpha, scale, modules matched, keys not applied
+    loras: list[dict]  # framepack.lora.LoadedLora.describe() of each
+    seconds: float  # the switch from the previous job's set
+
+
+@dataclass(frozen=True)
 class StageStarted:
     stage: str  # "loading", "text encoding", "image processing", "vae encoding", "image encoding",
     # "sampling", "decoding", "writing"
@@ -91,4 +100,4 @@ class Failed:
     error: str
 
 
-Event = JobPlanned | StageStarted | StepProgress | SectionDone | Finished | Cancelled | Failed
+Event = JobPlanned | LorasApplied | StageStarted | StepProgress | SectionDone | Finished | Cancelled | Failed

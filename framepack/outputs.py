@@ -179,6 +179,7 @@ class RunInfo:
     step_cache: dict | None  # the step cache's report (models.caches.StepCache.report)
     memory_plan: str | None
     error: str | None  # "Type: message" of what stopped a failed job
+    loras: list[dict] | None = None  # framepack.lora.LoadedLora.describe() of each merged LoRA
 
 
 def write_metadata(result: GenerationResult, run: RunInfo) -> None:
@@ -211,6 +212,7 @@ def write_metadata(result: GenerationResult, run: RunInfo) -> None:
         "effective_crf": run.effective_crf,
         "teacache_computed_fraction": cache["computed_fraction"] if cache else None,  # the key of earlier versions
         "step_cache": cache,
+        "loras": run.loras or [],
         "peak_vram_bytes": result.peak_vram_bytes,
         "peak_rss_bytes": result.peak_rss_bytes,
         "memory_plan": run.memory_plan,

@@ -40,6 +40,7 @@ from framepack.events import (
     Finished,
     GenerationCancelled,
     JobPlanned,
+    LorasApplied,
     SectionDone,
     StageStarted,
     StepProgress,
@@ -204,12 +205,19 @@ class JobRun:
                                        or self.saved.model != pipe.spec.name):  # fmt: skip
             raise RequestError(f"{state_dir} holds a different job's state (another request or model); cannot resume")
         saved = self.saved
+        self.loras = self.c.prepare_loras(request)  # found, read and checked: before any output exists
         self.out = OutputPaths(saved.video, saved.video.with_suffix(".json")) if saved else check_output(request)
         self.video_path = self.out.video
         emit(JobPlanned(len(plan.sections), plan.frames, plan.prompt_times,
                         [(a.source, a.seconds) for a in plan.anchors]))  # fmt: skip
         self.timings: dict = {"sections": []}
         self.t0 = time.perf_counter()
+        switched = self.c.apply_loras(self.loras)  # before the memory plan moves any weight
+        if switched is not None:
+            self.timings["lora_switch_s"] = switched["seconds"]
+        if self.loras:
+            emit(LorasApplied([lo.summary() for lo in self.loras], [lo.describe() for lo in self.loras],
+                              switched["seconds"] if switched else 0.0))  # fmt: skip
         reset_peaks(self.device)
         self.rng = torch.Generator("cpu").manual_seed(request.seed)
         self.prompts = {p.prompt for p in plan.prompts} | {p.blend_from for p in plan.prompts if p.blend_from}
@@ -429,10 +437,12 @@ class JobRun:
         error = None
         if self.status == "failed":
             error = f"{type(self.error).__name__}: {self.error}" if self.error else "the video could not be written"
+        if self.loras:  # the sidecar's request names each file by its resolved path and sha256
+            request = dataclasses.replace(request, loras=tuple(lo.ref for lo in self.loras))
         write_metadata(result, RunInfo(
             request, self.pipe.spec, self.device, self.c.transformer.dtype,
             self.writer.effective_crf if self.writer else None, self.cache.report() if self.cache else None,
-            self.memory.describe(), error,
+            self.memory.describe(), error, [lo.describe() for lo in self.loras],
         ))  # fmt: skip
         if self.status == "finished":
             self.emit(Finished(result))

@@ -237,3 +237,14 @@ def resolve_spec(
         )
         raise CheckpointError("\n".join(lines))
     return paths
+
+
+def transformer_config(spec: ModelSpec):
+    """The transformer config of a model without loading (or downloading) its weights: the built-in
+    families' from their config.json, the official models' is `config.FRAMEPACK_HY` (both share it)."""
+    from framepack.config import FRAMEPACK_HY
+    from framepack.weights import open_checkpoint
+
+    if spec.builtin:
+        return open_checkpoint(resolve_spec(spec)["transformer"]).config
+    return FRAMEPACK_HY

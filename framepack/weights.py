@@ -433,6 +433,44 @@ def _read_tensors(
             yield name, out
 
 
+class CheckpointTensors:
+    """Single tensors of a checkpoint, read again exactly as `load_transformer` made them (same dtype
+    conversion), one at a time from a lazy memory map: `get` returns a read-only view of the mapping
+    when no conversion is needed, `release` drops its pages after use. LoRA switching restores the
+    weights it touched from here instead of keeping a second copy in RAM."""
+
+    def __init__(self, source: str | os.PathLike, dtype: torch.dtype | None) -> None:
+        ckpt = open_checkpoint(source)
+        self.source, self.dtype = ckpt.source, dtype
+        self.infos = ckpt.tensor_infos()
+        self._stamps = {h.path: _stamp(h.path) for h in ckpt.files}
+        self._maps: dict[Path, _MappedFile] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.infos
+
+    def get(self, name: str) -> torch.Tensor:
+        header, info = self.infos[name]
+        if _stamp(header.path) != self._stamps[header.path]:
+            raise CheckpointError(f"{header.path} changed on disk after the model was loaded; the original "
+                                  "weights cannot be restored from it (restart to load the new file)")  # fmt: skip
+        mapped = self._maps.get(header.path)
+        if mapped is None:
+            mapped = self._maps[header.path] = _MappedFile(header)
+        return mapped.tensor(name).to(dtype=self.dtype or info.dtype)  # stored in that dtype: a view of the map
+
+    def release(self, name: str) -> None:
+        """Drop the mapped pages of a tensor `get` returned (read-only use is over)."""
+        header, _ = self.infos[name]
+        if header.path in self._maps:
+            self._maps[header.path].release(name)
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
 # --------------------------------------------------------------------------------------- saving
 def save_transformer(
     model: FramePackTransformer,

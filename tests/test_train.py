@@ -359,6 +359,19 @@ def test_lora_trains_only_adapters_and_merges(mini, tmp_path):
         merged_out = merged(**batch.kwargs).sample
     assert set(merged.state_dict()) == official_keys
     torch.testing.assert_close(merged_out, lora_out, atol=1e-5, rtol=1e-5)
+    # the adapters alone as a LoRA file: loaded onto the base model it gives the merged export's output
+    from framepack.lora import KeptWeights, LoadedLora, LoraMerger, read_lora_file
+    from framepack.models.lora import TargetTable, parse_lora
+
+    path = tr.export_lora(tmp_path / "lora.safetensors", ema=False)
+    tensors, meta = read_lora_file(path)
+    fresh = FramePackTransformer(tf.MINI_TRANSFORMER).eval()
+    fresh.load_state_dict(before)
+    parsed = parse_lora(tensors, meta, TargetTable.of(fresh), name=path.name)
+    assert parsed.formats == ("FramePack trainer",) and parsed.scales == (1.0,) and not parsed.unmatched
+    LoraMerger(fresh, KeptWeights(fresh)).apply([LoadedLora(path, "x", 1.0, parsed)])
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**batch.kwargs).sample, merged_out, atol=1e-5, rtol=1e-5)
     # the single blocks read proj_out.weight directly: the adapter must reach that path too
     lora = tr.model.single_transformer_blocks[0].proj_out
     with torch.no_grad():

@@ -13,7 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-from framepack.config import CONTROLS
+from framepack.config import CONTROLS, LORAS
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -47,6 +47,10 @@ def _add_generate(sub) -> None:
     c = groups[CONTROLS]
     c.add_argument("--prompts-file", help="timestamped prompts, one '[TIME: prompt]' or 'TIME: prompt' per line")
     c.add_argument("--keyframe", action="append", metavar="TIME=IMAGE", help=REQUEST_FIELDS["keyframes"].help)
+    lo = groups[LORAS]
+    lo.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]", help=REQUEST_FIELDS["loras"].help)
+    lo.add_argument("--lora-dir", help="folder of LoRA files: bare names and recorded hashes are looked up here "
+                    "(default <FRAMEPACK_HOME>/loras)")  # fmt: skip
     p.add_argument("--device", help="cuda, cpu or mps (default: cuda when available)")
     p.add_argument("--models-dir", help="local copies of the weight repos, laid out as DIR/<org>/<name>")
     p.add_argument("--offline", action="store_true", help="never download; use cached or local weights only")
@@ -104,6 +108,10 @@ def _build_request(args: argparse.Namespace):
         overrides["prompt"] = _read_prompts_file(args.prompts_file)
     if args.keyframe:
         overrides["keyframes"] = tuple(_parse_keyframe(k) for k in args.keyframe)
+    if args.lora:
+        from framepack.lora import parse_lora_arg
+
+        overrides["loras"] = tuple(parse_lora_arg(text) for text in args.lora)
     request = GenerationRequest.from_json_dict({**base, **overrides})
     return request.validate(), model or "original"
 
@@ -144,7 +152,7 @@ class _Progress:
     def __call__(self, event) -> None:
         from tqdm import tqdm
 
-        from framepack.events import JobPlanned, SectionDone, StageStarted, StepProgress
+        from framepack.events import JobPlanned, LorasApplied, SectionDone, StageStarted, StepProgress
 
         if isinstance(event, JobPlanned):  # times are snapped to section boundaries: say where they landed
             print(f"{event.sections} sections, {event.frames} frames", file=sys.stderr)
@@ -153,6 +161,9 @@ class _Progress:
                     print(f"  prompt from {t:.2f}s: {prompt}", file=sys.stderr)
             for what, t in event.anchors:
                 print(f"  {what} at {t:.2f}s", file=sys.stderr)
+        if isinstance(event, LorasApplied):  # what each file matched, and what it held that was not applied
+            for line in event.lines:
+                print(line, file=sys.stderr)
         if self.quiet:
             return
         if isinstance(event, StepProgress):
@@ -183,13 +194,18 @@ def _generate(args: argparse.Namespace) -> int:
 
     request, model = _build_request(args)
     plan = check_request(request, get_spec(model))  # fail fast on bad inputs or output, before loading weights
+    if request.loras:  # every file there and a safetensors file, before the weights load
+        from framepack.lora import LoraLibrary
+
+        LoraLibrary(args.lora_dir).check(request.loras)
     check_output(request)
     needed = disk_needed(plan.frames, *plan.inputs.size, request.window)
     if args.offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
     print(f"loading model {model!r} ...", file=sys.stderr)
     options = RuntimeOptions(preserved_memory_gb=args.preserved_memory, fp8=args.fp8,
-                             keep_text_encoders=args.keep_text_encoders, memory=args.memory)  # fmt: skip
+                             keep_text_encoders=args.keep_text_encoders, memory=args.memory,
+                             lora_dir=args.lora_dir)  # fmt: skip
     pipe = load_pipeline(model, device=args.device, models_dir=args.models_dir, download=not args.offline,
                          options=options)  # fmt: skip
     cancel = CancelToken()
@@ -320,6 +336,8 @@ def _add_app_args(p: argparse.ArgumentParser, *, port: int) -> None:
     p.add_argument("--preserved-memory", type=float, metavar="GB", help="device memory to leave free (default auto)")
     p.add_argument("--fp8", action="store_true", help="store transformer block weights in fp8 (half the memory; lossy)")
     p.add_argument("--memory", choices=["auto", "managed", "off"], default="auto", help="device memory management")
+    p.add_argument("--lora-dir", help="folder of LoRA files offered by the UI's picker and searched for bare "
+                   "names and recorded hashes (default <FRAMEPACK_HOME>/loras)")  # fmt: skip
 
 
 def _app_models(default: str) -> list[str]:
@@ -336,7 +354,8 @@ def _open_queue(args: argparse.Namespace):
 
     if args.offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
-    options = RuntimeOptions(preserved_memory_gb=args.preserved_memory, fp8=args.fp8, memory=args.memory)
+    options = RuntimeOptions(preserved_memory_gb=args.preserved_memory, fp8=args.fp8, memory=args.memory,
+                             lora_dir=args.lora_dir)  # fmt: skip
 
     def loader(model: str):
         from framepack.pipeline import load_pipeline
@@ -466,6 +485,63 @@ def _print_share_link(host: str, port: int) -> None:
 
 
 # ------------------------------------------------------------------------------ train
+def _add_lora(sub) -> None:
+    from framepack.registry import REGISTRY
+
+    p = sub.add_parser("lora", help="LoRA files: inspect what a file holds and what it matches")
+    lsub = p.add_subparsers(dest="lora_command", required=True)
+    i = lsub.add_parser("inspect", help="detected format, ranks, alphas, matched modules, keys not applied",
+                        description="Read a LoRA file and map it onto a model's transformer, without loading "
+                        "any weights (the model's shapes only).")  # fmt: skip
+    i.add_argument("file")
+    i.add_argument("--model", default="original", choices=sorted(REGISTRY),
+                   help="the model it is for (default original)")  # fmt: skip
+    i.add_argument("--lora-include", help="regex: only modules whose name matches")
+    i.add_argument("--lora-exclude", help="regex: leave out modules whose name matches")
+    i.add_argument("--lora-dir", help="LoRA folder for bare names (default <FRAMEPACK_HOME>/loras)")
+    i.add_argument("--modules", action="store_true", help="also list every matched module and its rows")
+    i.set_defaults(func=_lora_inspect)
+
+
+def _lora_inspect(args: argparse.Namespace) -> int:
+    from framepack.config import LoraRef
+    from framepack.lora import LoraLibrary, read_lora_file, sha256_file
+    from framepack.models.lora import TargetTable, parse_lora
+    from framepack.registry import get_spec, transformer_config
+    from framepack.weights import build_empty
+
+    library = LoraLibrary(args.lora_dir)
+    path = library.resolve(LoraRef(args.file))
+    tensors, metadata = read_lora_file(path)
+    config = transformer_config(get_spec(args.model))
+    table = TargetTable.of(build_empty(config))
+    parsed = parse_lora(tensors, metadata, table, name=path.name, include=args.lora_include,
+                        exclude=args.lora_exclude)  # fmt: skip
+    info = parsed.describe()
+    print(f"file:      {path} ({path.stat().st_size / 2**20:.1f} MiB, sha256 {sha256_file(path)})")
+    print(f"format:    {info['format']}")
+    print(f"tensors:   {len(tensors)} in {parsed.file_modules} file modules")
+    print(f"rank:      {', '.join(map(str, parsed.ranks)) or 'full (no low-rank factors)'}")
+    print(f"alpha:     {', '.join(f'{a:g}' for a in parsed.alphas) or '-'}")
+    print(f"scale:     {', '.join(f'{s:.6g}' for s in parsed.scales)} (alpha / rank; applied x the --lora weight)")
+    blocks = (config.num_layers, config.num_single_layers)
+    print(f"matched:   {len(parsed.modules)} target modules of {len(table.shapes)} Linears in {args.model} "
+          f"({blocks[0]} double + {blocks[1]} single blocks)")  # fmt: skip
+    if parsed.filtered:
+        print(f"left out:  {parsed.filtered} modules by --lora-include / --lora-exclude")
+    if parsed.unmatched:
+        print(f"not applied: {parsed.unmatched_count} key(s) that map to no module of this transformer:")
+        for kind, keys in parsed.unmatched.items():
+            print(f"  {kind}: {len(keys)} key(s), e.g. {keys[0]}")
+    else:
+        print("not applied: none (every key was mapped)")
+    if args.modules:
+        for target, parts in parsed.modules.items():
+            rows = ", ".join(f"{p.source}" + (f" rows {p.rows[0]}:{p.rows[1]}" if p.rows else "") for p in parts)
+            print(f"  {target} <- {rows}")
+    return 0
+
+
 def _add_train(sub) -> None:
     """`framepack train ...` (toy family, section trainer, packaging): defined in framepack.train.commands."""
     from framepack.train.commands import register
@@ -488,6 +564,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_serve(sub)
     _add_ui(sub)
     _add_train(sub)
+    _add_lora(sub)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

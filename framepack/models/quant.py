@@ -16,14 +16,20 @@ from torch import nn
 E4M3_MAX = 448.0
 
 
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 weight, fp32 per-row scale) of a (out, in) matrix, computed from its fp32 values."""
+    w = weight.detach().float()
+    scale = (w.abs().amax(dim=1, keepdim=True) / E4M3_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+    return (w / scale).to(torch.float8_e4m3fn), scale
+
+
 class FP8Linear(nn.Module):
     """Drop-in for nn.Linear: `weight` (a read-only property) returns the dequantised weight."""
 
     def __init__(self, linear: nn.Linear, compute_dtype: torch.dtype) -> None:
         super().__init__()
-        w = linear.weight.detach().float()
-        scale = (w.abs().amax(dim=1, keepdim=True) / E4M3_MAX).clamp_min(torch.finfo(torch.float32).tiny)
-        self.register_buffer("weight_fp8", (w / scale).to(torch.float8_e4m3fn))  # (out, in)
+        w8, scale = quantize_rows(linear.weight)
+        self.register_buffer("weight_fp8", w8)  # (out, in)
         self.register_buffer("weight_scale", scale)  # (out, 1) fp32
         self.bias = linear.bias
         self.compute_dtype = compute_dtype
@@ -36,6 +42,14 @@ class FP8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight.to(x.dtype), self.bias)
+
+    @torch.no_grad()
+    def set_weight_(self, weight: torch.Tensor) -> None:
+        """Quantise a new high-precision weight (a merged LoRA, a restored original) into the existing
+        buffers, in place (a streamed block's buffers are views of its flat host copy)."""
+        w8, scale = quantize_rows(weight)
+        self.weight_fp8.copy_(w8)
+        self.weight_scale.copy_(scale)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8_e4m3"

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from framepack.models.lora import apply_lora, lora_state_dict, merge_lora
+from framepack.models.lora import apply_lora, lora_file_tensors, lora_state_dict, merge_lora
 from framepack.models.transformer import FramePackTransformer
 from framepack.sampling import flow_shift_mu
 from framepack.sections import Context, Schedule, make_schedule
@@ -520,6 +520,26 @@ class SectionTrainer:
         (Path(path) / "training.json").write_text(json.dumps(record, indent=2) + "\n")
         return path
 
+    def export_lora(self, path: str | os.PathLike, *, ema: bool = True) -> Path:
+        """The trained adapters alone as a LoRA file (kohya/musubi layout, `framepack_lora` metadata):
+        `framepack generate --lora FILE` on the base model gives what the merged export gives."""
+        from safetensors.torch import save_file
+
+        tensors = lora_file_tensors(self.model, self.ema if ema and self.ema is not None else None)
+        cfg = self.cfg
+        record = {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha or cfg.lora_rank, "step": self.step,
+                  "ema": ema and self.ema is not None}  # fmt: skip
+        meta = {"framepack_lora": json.dumps(record), "ss_base_model_version": "framepack"}
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".partial")
+        try:
+            save_file(tensors, str(tmp), metadata=meta)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+
     # ---------------------------------------------------------------- the loop
     def fit(self, *, progress: bool = True) -> Path:
         """Train to `cfg.steps` (continuing from the current step), logging, probing and checkpointing;
@@ -559,4 +579,6 @@ class SectionTrainer:
             if self.step % cfg.save_every == 0 or self.step == cfg.steps:
                 self.save_checkpoint()
         bar.close()
+        if self.cfg.lora_rank > 0:  # the adapters alone too, for --lora on the base model
+            self.export_lora(out / "lora.safetensors")
         return self.export(out / "transformer")

@@ -27,6 +27,9 @@ Contract:
     and never stops the queue. Startup problems are listed in `JobQueue.problems`.
   * Request parameters are derived from `GenerationRequest`'s fields: whatever fields it has, a job
     accepts (the server owns `image` and `output`).
+  * LoRAs: a job names its files in the queue's LoRA folder (`lora_dir`, the pipelines' `--lora-dir`):
+    by name ('style.safetensors', 'sub/x.safetensors') or by an absolute path inside it, never a file
+    elsewhere; each must be a readable safetensors file when the job is submitted.
   * Events: every engine event and state change of a job becomes a small JSON-able dict with a
     process-wide increasing `seq`; `events()` returns them in order (the latest ~2000 per job),
     ending with a `state` event whose state is terminal.
@@ -218,6 +221,7 @@ class JobQueue:
         models: Sequence[str],
         default_model: str | None = None,
         start_worker: bool = True,
+        lora_dir: str | os.PathLike | None = None,
     ) -> None:
         self.outputs = Path(outputs).expanduser().resolve()
         self.jobs_dir = self.outputs / JOBS_DIR
@@ -229,6 +233,8 @@ class JobQueue:
         if self.default_model not in self.models:
             raise ValueError(f"default model {self.default_model!r} is not among {self.models}")
         self._loader = loader
+        self.lora_dir = lora_dir  # the LoRA folder jobs name their files in (None: <FRAMEPACK_HOME>/loras)
+        self._loras: Any = None
         self._lock = threading.RLock()  # guards the connection and the in-memory job state
         self._changed = threading.Condition(self._lock)
         self._wake = threading.Event()
@@ -256,6 +262,15 @@ class JobQueue:
             self._worker.start()
 
     # ------------------------------------------------------------------------------- operations
+    def lora_library(self) -> Any:
+        """The LoRA folder (`framepack.lora.LoraLibrary`) whose files jobs may use: the same folder as the
+        pipelines' (`RuntimeOptions.lora_dir`), so the server passes one `--lora-dir` to both."""
+        if self._loras is None:
+            from framepack.lora import LoraLibrary
+
+            self._loras = LoraLibrary(self.lora_dir)
+        return self._loras
+
     def submit(
         self,
         image: bytes | np.ndarray | str | os.PathLike,
@@ -301,7 +316,7 @@ class JobQueue:
                 if is_disk_full(err):
                     raise StorageFull(disk_full_message(self.outputs, needed)) from err
                 raise
-            _check_runnable(stored, folder, model)  # the engine's whole check, as the CLI runs it up front
+            _check_runnable(stored, folder, model, self.lora_library())  # the engine's whole check, as the CLI's
             with self._lock:  # insert and first event together: the worker cannot claim it in between
                 with self._write() as db:
                     seq = self._next_seq(db)
@@ -603,7 +618,7 @@ class JobQueue:
                 (folder / name).unlink(missing_ok=True)
         try:
             pipe = self._get_pipeline(job.id, job.model)
-            request = GenerationRequest.from_json_dict(_absolute(job.request, folder))
+            request = GenerationRequest.from_json_dict(_absolute(job.request, folder, self.lora_library().folder))
             with _job_options(pipe, job.options):
                 result = pipe.generate(request, on_event, token, state_dir=folder / STATE_DIR)
         except Exception as err:  # engine failures (after a sidecar), bad requests/images, missing weights
@@ -1010,13 +1025,31 @@ def _free_device_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _absolute(request: dict, folder: Path) -> dict:
-    """The stored request (file names relative to the job folder) as the engine gets it."""
+def _absolute(request: dict, folder: Path, lora_folder: Path) -> dict:
+    """The stored request (file names relative to the job folder, LoRAs named in the LoRA folder) as the
+    engine gets it. RequestError for a LoRA path outside the LoRA folder."""
     out = {**request, "image": str(folder / INPUT), "output": str(folder / VIDEO)}
     for name in IMAGE_UPLOADS:
         if isinstance(out.get(name), str):
             out[name] = str(folder / Path(out[name]).name)
+    if isinstance(out.get("loras"), (list, tuple)):
+        out["loras"] = [{**r, "path": _lora_path(r["path"], lora_folder)}
+                        if isinstance(r, dict) and isinstance(r.get("path"), str) and r["path"].strip() else r
+                        for r in out["loras"]]  # fmt: skip
     return out
+
+
+def _lora_path(path: str, lora_folder: Path) -> str:
+    """A job's LoRA as a file in the LoRA folder: a name relative to it ('style.safetensors',
+    'sub/x.safetensors') or an absolute path inside it (a sidecar's). A client naming any other file
+    would make the server open files of its choosing (as with SERVER_FIELDS)."""
+    root = Path(os.path.abspath(lora_folder))
+    given = Path(path)
+    full = Path(os.path.normpath(given if given.is_absolute() else root / given))
+    if "\x00" in path or ".." in given.parts or not full.is_relative_to(root) or full == root:
+        raise RequestError(f"LoRA {path!r} is not a file in the LoRA folder {root}: a job names each LoRA by "
+                           "its name in that folder (e.g. 'style.safetensors')")  # fmt: skip
+    return str(full)
 
 
 def _event_fields(event: object) -> dict:
@@ -1060,10 +1093,20 @@ def _space_needed(request: GenerationRequest, image_hw: tuple[int, int], model: 
     return disk_needed(frames, height, width, request.window)
 
 
-def _check_runnable(stored: dict, folder: Path, model: str) -> None:
+def _check_runnable(stored: dict, folder: Path, model: str, loras: Any) -> None:
     """The engine's whole request check (prompts, anchors, inputs against the model) at submission,
-    without loading any model, so the API refuses what the CLI refuses before a job is queued."""
+    without loading any model, so the API refuses what the CLI refuses before a job is queued. Every
+    LoRA file must be in the LoRA folder `loras` (a `framepack.lora.LoraLibrary`) and be a readable
+    safetensors file (LoraError, a RequestError, otherwise)."""
     from framepack.pipeline import check_request
     from framepack.registry import get_spec
 
-    check_request(GenerationRequest.from_json_dict(_absolute(stored, folder)), get_spec(model))
+    request = GenerationRequest.from_json_dict(_absolute(stored, folder, loras.folder))
+    check_request(request, get_spec(model))
+    if request.loras:
+        from framepack.models.lora import LoraError
+
+        for given, ref in zip(stored["loras"], request.loras):
+            if ref.sha256 is None and not Path(ref.path).is_file():  # in the client's words, not the server path
+                raise LoraError(f"LoRA file not found: {given['path']} (not in the LoRA folder {loras.folder})")
+        loras.check(tuple(request.loras))  # recorded hashes are looked up, every file is read as safetensors

@@ -6,6 +6,7 @@ mounts the Gradio page on the same app, so both servers answer the same routes.
 
     GET    /api/info                     version, models, upload limit, whether a token is required
     GET    /api/params                   every generation parameter with its default (the JobParams schema)
+    GET    /api/loras                    the server's LoRA folder and its .safetensors files (for `loras`)
     POST   /api/jobs                     multipart: image (file), params (JSON object), model, preserved_memory_gb
     GET    /api/jobs[?state=...]         queued jobs in run order, then the others (running first, newest first)
     GET    /api/jobs/{id}                one job
@@ -45,7 +46,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 import framepack
-from framepack.config import REQUEST_FIELDS, GenerationRequest, RequestError
+from framepack.config import LORA_WEIGHT_RANGE, REQUEST_FIELDS, GenerationRequest, RequestError
 from framepack.images import ImageError
 from framepack.jobs import (
     STATES,
@@ -66,11 +67,30 @@ _KEEPALIVE_S = 15.0
 
 
 # ------------------------------------------------------------------------------------- models
+class LoraParam(BaseModel):
+    """One entry of a job's `loras` (a `framepack.config.LoraRef`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: str = Field(description="the file's name in the server's LoRA folder, as GET /api/loras lists it "
+                      "(e.g. 'style.safetensors'); nothing outside that folder")  # fmt: skip
+    weight: float = Field(1.0, ge=LORA_WEIGHT_RANGE[0], le=LORA_WEIGHT_RANGE[1],
+                          description="strength: 1 = as trained, 0 = off, negative = the opposite")  # fmt: skip
+    sha256: str | None = Field(None, pattern="^[0-9a-f]{64}$", description="the file's sha256 (a sidecar records "
+                               "it): the file in the folder with this hash is used if the name has moved")  # fmt: skip
+
+
+# The API's wording where a field's CLI help (flags, repetition) does not fit a JSON parameter.
+_API_HELP = {"loras": "LoRA files merged into the transformer for this job: a list of {path, weight, sha256?} "
+             "objects (see GET /api/loras for the files; weights add up when several touch a module)"}  # fmt: skip
+_API_TYPES: dict[str, Any] = {"loras": list[LoraParam]}
+
+
 def _params_model() -> type[BaseModel]:
     """A pydantic model with one field per client-settable GenerationRequest field: types and defaults
     from the dataclass, descriptions, ranges and choices from `REQUEST_FIELDS` (documentation in the
-    schema; the engine's own check gives the error messages, the same as the CLI's)."""
-    hints = typing.get_type_hints(GenerationRequest)
+    schema; the engine's own check gives the error messages, the same as the CLI's). The model is never
+    used to parse a submission (it would coerce): parameters reach `GenerationRequest.from_json_dict` as sent."""
+    hints = {**typing.get_type_hints(GenerationRequest), **_API_TYPES}
     fields: dict[str, Any] = {}
     for f in request_fields():
         info = REQUEST_FIELDS[f.name]
@@ -79,9 +99,9 @@ def _params_model() -> type[BaseModel]:
             extra.update(minimum=info.range[0], maximum=info.range[1])
         if info.choices is not None:
             extra["enum"] = list(info.choices)
-        kw: dict[str, Any] = {"description": info.help, "json_schema_extra": extra or None}
+        kw: dict[str, Any] = {"description": _API_HELP.get(f.name, info.help), "json_schema_extra": extra or None}
         if f.default is not dataclasses.MISSING:
-            kw["default"] = f.default
+            kw["default"] = list(f.default) if f.name in _API_TYPES and isinstance(f.default, tuple) else f.default
         elif f.default_factory is not dataclasses.MISSING:
             kw["default_factory"] = f.default_factory
         fields[f.name] = (hints[f.name], Field(**kw))
@@ -171,6 +191,18 @@ class Info(BaseModel):
     storage: str | None = Field(None, description="why queued jobs wait or submissions are refused (disk space)")
 
 
+class LoraFile(BaseModel):
+    name: str = Field(description="relative to the LoRA folder, '/'-separated: what a job's loras[].path takes")
+    size: int = Field(description="bytes")
+    modified: float = Field(description="modification time (seconds since the epoch)")
+
+
+class LoraList(BaseModel):
+    folder: str = Field(description="the server's LoRA folder (`--lora-dir`)")
+    exists: bool = Field(description="false: the folder does not exist yet (no files)")
+    files: list[LoraFile]
+
+
 class ErrorBody(BaseModel):
     detail: str
 
@@ -227,6 +259,20 @@ def create_app(
     def get_params() -> Any:
         """Every generation parameter a job accepts, with its default."""
         return JobParams()
+
+    @app.get("/api/loras", response_model=LoraList, tags=["server"])
+    def get_loras() -> LoraList:
+        """The LoRA files a job can use (read afresh on every call: files added since are listed)."""
+        library = queue.lora_library()
+        files = []
+        for path in library.files():
+            try:
+                st = path.stat()
+            except OSError:  # removed while listing
+                continue
+            name = path.relative_to(library.folder).as_posix()
+            files.append(LoraFile(name=name, size=st.st_size, modified=st.st_mtime))
+        return LoraList(folder=str(library.folder), exists=library.folder.is_dir(), files=files)
 
     @app.post("/api/jobs", status_code=201, response_model=JobInfo, responses=_ERRORS, tags=["jobs"])
     async def submit(

@@ -364,7 +364,8 @@ def _open_queue(args: argparse.Namespace):
         return load_pipeline(model, device=args.device, models_dir=args.models_dir, download=not args.offline,
                              options=options)  # fmt: skip
 
-    queue = JobQueue(args.outputs, loader=loader, models=_app_models(args.model), default_model=args.model)
+    queue = JobQueue(args.outputs, loader=loader, models=_app_models(args.model), default_model=args.model,
+                     lora_dir=args.lora_dir)
     for problem in queue.problems:
         print(f"warning: {problem}", file=sys.stderr)
     return queue

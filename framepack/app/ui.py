@@ -13,7 +13,9 @@ the growing "Finished Frames" video, the progress text and bar. Deviations: MP4 
 memory has an "automatic" switch, on by default (the engine's own planner; off = the official 6 GB).
 
 `CONTROLS` is the one list of generation controls: a new GenerationRequest field gets a widget by
-adding one `Control` there; settings load into it and are submitted from it by field name.
+adding one `Control` there; settings load into it and are submitted from it by field name. The LoRA
+picker (`LORA_ROWS` rows of file + weight over the queue's LoRA folder, include/exclude, rescan) sets
+`loras`, `lora_include` and `lora_exclude` (`collect_loras`, `lora_settings`).
 `mount(app, queue)` puts the page at / of a FastAPI app (the HTTP API's, so one server has both).
 """
 
@@ -29,7 +31,7 @@ from typing import Any
 
 import gradio as gr
 
-from framepack.config import REQUEST_FIELDS, GenerationRequest
+from framepack.config import REQUEST_FIELDS, GenerationRequest, LoraRef
 from framepack.jobs import INPUT, SERVER_FIELDS, TERMINAL, Job, JobError, JobQueue, stage_label, upload_fields
 from framepack.sections import FPS, SCHEDULES
 
@@ -39,6 +41,10 @@ QUICK_PROMPTS = (
 )
 _DEFAULT = object()  # "the GenerationRequest default"
 _AUTO_RES = "auto"
+LORA_ROWS = 4  # LoRA picker rows (file + weight)
+LORA_NONE = "none"
+LORA_WEIGHT = (-2.0, 2.0, 0.05)  # the picker's weight slider (min, max, step); the engine accepts LORA_WEIGHT_RANGE
+LORA_FIELDS = ("loras", "lora_include", "lora_exclude")  # set by the LoRA picker, not by CONTROLS
 
 CSS = """
 .no-generating-animation > .generating { display: none !important; }
@@ -178,12 +184,62 @@ def settings_of(job: Job, controls: tuple[Control, ...]) -> tuple[list[Any], dic
             values.append(job.options.get("preserved_memory_gb", c.initial()))
         else:
             values.append(params.get(c.field, c.initial()))
-    rest = {k: v for k, v in params.items() if k not in {c.field for c in controls} | {"prompt", "resolution"}}
+    picked = {c.field for c in controls} | {"prompt", "resolution", *LORA_FIELDS}
+    rest = {k: v for k, v in params.items() if k not in picked}
     return values, rest
 
 
-def progress_texts(job: Job) -> tuple[str, str]:
-    """(description markdown, progress bar HTML) in the official wording, plus section and state."""
+def lora_choices(library: Any) -> list[str]:
+    """The picker's dropdown choices: "none", then the LoRA folder's files by their name relative to it
+    (the name a job's `loras` path takes; `framepack.lora.LoraLibrary.files`, read afresh)."""
+    return [LORA_NONE, *(p.relative_to(library.folder).as_posix() for p in library.files())]
+
+
+def collect_loras(rows: list[Any], include: str | None, exclude: str | None) -> dict:
+    """The picker's values (file, weight, file, weight, ... one pair per row) and the include / exclude
+    boxes -> the request's `loras` (rows left at "none" are skipped), `lora_include` and `lora_exclude`
+    (blank boxes are None; with no LoRA chosen the filters have nothing to filter and are left out)."""
+    loras = tuple(LoraRef(str(name), round(float(1.0 if weight is None else weight), 6))
+                  for name, weight in zip(rows[0::2], rows[1::2]) if name and name != LORA_NONE)  # fmt: skip
+
+    def pattern(text: str | None) -> str | None:
+        return text if loras and isinstance(text, str) and text.strip() else None
+
+    return {"loras": loras, "lora_include": pattern(include), "lora_exclude": pattern(exclude)}
+
+
+def lora_settings(params: dict) -> tuple[list[Any], str, str, list[str]]:
+    """A job's LoRA parameters -> (the picker's row values: file, weight per row, "none" rows after;
+    include; exclude; the files beyond the picker's rows, which it cannot show)."""
+    refs = []
+    for r in params.get("loras") or ():
+        try:
+            refs.append(LoraRef.from_json(r))
+        except ValueError:
+            continue  # a damaged record: nothing to show for it
+    rows: list[Any] = []
+    for ref in refs[:LORA_ROWS]:
+        rows += [ref.path, ref.weight]
+    rows += [LORA_NONE, 1.0] * (LORA_ROWS - len(refs[:LORA_ROWS]))
+    left = [ref.path for ref in refs[LORA_ROWS:]]
+    return rows, params.get("lora_include") or "", params.get("lora_exclude") or "", left
+
+
+def progress_texts(job: Job, loras: list[str] | None = None) -> tuple[str, str]:
+    """(description markdown, progress bar HTML) in the official wording, plus section and state.
+    `loras`: the lines of the job's `loras_applied` event (what each LoRA file matched), shown under it."""
+    desc, bar = _progress_texts(job)
+    if loras and job.state != "queued":
+        desc += "".join(f"  \n{_md_escape(line)}" for line in loras)
+    return desc, bar
+
+
+def _md_escape(text: str) -> str:
+    """Plain text in Markdown (file names have underscores)."""
+    return "".join(f"\\{ch}" if ch in "\\`*_[]<>#|~" else ch for ch in text)
+
+
+def _progress_texts(job: Job) -> tuple[str, str]:
     p = job.progress
     if job.state == "queued":
         return f"Queued: {job.position} job(s) before this one ...", _bar(0, "Waiting in the queue ...")
@@ -291,6 +347,25 @@ def build(queue: JobQueue, *, title: str = "FramePack") -> gr.Blocks:
                     carried = gr.Markdown("")
                 ordered = [c for c in controls if not c.advanced] + [c for c in controls if c.advanced]
                 control_widgets = widgets + advanced
+                lora_files = lora_choices(queue.lora_library())
+                with gr.Accordion("LoRA", open=False, elem_id="fp-lora"):
+                    lora_note = gr.Markdown(_lora_note(queue, lora_files), elem_id="fp-lora-folder")
+                    lora_rows: list[gr.components.Component] = []  # file, weight, file, weight, ...
+                    for i in range(LORA_ROWS):
+                        with gr.Row():
+                            lora_rows.append(gr.Dropdown(lora_files, value=LORA_NONE, label=f"LoRA {i + 1}",
+                                                         allow_custom_value=True, scale=3,
+                                                         elem_id=f"fp-lora-{i}"))  # fmt: skip
+                            lo, hi, step = LORA_WEIGHT
+                            lora_rows.append(gr.Slider(lo, hi, step=step, value=1.0, label="Weight", scale=2,
+                                                       elem_id=f"fp-lora-weight-{i}"))  # fmt: skip
+                    with gr.Row():
+                        lora_include = gr.Textbox(label="Only modules matching (regex)", elem_id="fp-lora-include",
+                                                  info=REQUEST_FIELDS["lora_include"].help)  # fmt: skip
+                        lora_exclude = gr.Textbox(label="Leave out modules matching (regex)", elem_id="fp-lora-exclude",
+                                                  info=REQUEST_FIELDS["lora_exclude"].help)  # fmt: skip
+                    rescan = gr.Button("Rescan the LoRA folder", size="sm", elem_id="fp-lora-rescan")
+                lora_inputs = [*lora_rows, lora_include, lora_exclude]
             with gr.Column():
                 preview = gr.Image(label="Next Latents", height=200, visible=False, interactive=False)
                 video = gr.Video(label="Finished Frames", autoplay=True, loop=True, height=512, interactive=False,
@@ -334,10 +409,12 @@ def build(queue: JobQueue, *, title: str = "FramePack") -> gr.Blocks:
 
         # ---------------------------------------------------------------- handlers (thin)
         def on_start(img, text, model_name, res, *rest):
-            *values, end_img, session, base = rest
+            values, picks = list(rest[: len(control_widgets)]), list(rest[len(control_widgets) : -3])
+            end_img, session, base = rest[-3:]
             if img is None:
                 raise gr.Error("Upload a start image first.")
             params, options = collect(tuple(ordered), values, base)
+            params.update(collect_loras(picks[:-2], picks[-2], picks[-1]))
             params["prompt"] = text or ""
             params["resolution"] = None if res in (None, _AUTO_RES) else int(res)
             try:
@@ -349,7 +426,7 @@ def build(queue: JobQueue, *, title: str = "FramePack") -> gr.Blocks:
             where = "starts now" if job.position == 0 and not _busy(queue) else f"is queued (#{job.position + 1})"
             return {**session, "jobs": jobs}, gr.update(interactive=True), f"Job `{job.id}` {where}."
 
-        start.click(on_start, inputs=[image, prompt, model, resolution, *control_widgets,
+        start.click(on_start, inputs=[image, prompt, model, resolution, *control_widgets, *lora_inputs,
                                       end_image if end_image is not None else gr.State(None), watch, base_params],
                     outputs=[watch, end, status], concurrency_limit=None)  # fmt: skip
 
@@ -364,6 +441,14 @@ def build(queue: JobQueue, *, title: str = "FramePack") -> gr.Blocks:
             return "No job to end."
 
         end.click(on_end, inputs=[watch], outputs=[status], concurrency_limit=None)
+
+        def on_rescan():
+            files = lora_choices(queue.lora_library())
+            return [*(gr.update(choices=files) for _ in range(LORA_ROWS)), _lora_note(queue, files)]
+
+        lora_files_out = [*lora_rows[0::2], lora_note]
+        rescan.click(on_rescan, outputs=lora_files_out, show_progress="hidden", concurrency_limit=None)
+        demo.load(on_rescan, outputs=lora_files_out, show_progress="hidden", concurrency_limit=None)  # new tabs
 
         def on_fast(session):
             return _follow(queue, session)
@@ -428,15 +513,19 @@ def build(queue: JobQueue, *, title: str = "FramePack") -> gr.Blocks:
             img = queue.jobs_dir / job.id / INPUT
             end = queue.jobs_dir / job.id / "end_image.png"
             note = f"Carried over from job `{job.id}` (no widget): `{rest}`" if rest else ""
+            rows, include, exclude, left = lora_settings(job.params())
+            if left:
+                note += f"  \nNot loaded (the LoRA picker has {LORA_ROWS} rows): `{left}`"
             out = [str(img) if img.is_file() else None, job.request.get("prompt", ""), job.model,
                    str(res) if res else _AUTO_RES, *values]  # fmt: skip
             if end_image is not None:
                 out.append(str(end) if end.is_file() else None)
-            return [*out, rest, note]
+            return [*out, *rows, include, exclude, rest, note]
 
         load_outputs = [image, prompt, model, resolution, *control_widgets]
         if end_image is not None:
             load_outputs.append(end_image)
+        load_outputs += lora_inputs
         load_btn.click(on_load, inputs=[hist_pick], outputs=[*load_outputs, base_params, carried])
 
         def on_resume(job_id, session):
@@ -463,6 +552,27 @@ def build(queue: JobQueue, *, title: str = "FramePack") -> gr.Blocks:
         delete_btn.click(on_delete, inputs=[hist_pick],
                          outputs=[status, hist_pick, hist_video, hist_params, hist_files])  # fmt: skip
     return demo
+
+
+def _lora_note(queue: JobQueue, files: list[str]) -> str:
+    folder = queue.lora_library().folder
+    found = f"{len(files) - 1} file(s)" if folder.is_dir() else "it does not exist yet"
+    return (f"LoRA files from `{folder}` ({found}): put `.safetensors` files there (subfolders too) and press "
+            "Rescan. The weights add up where several LoRAs touch a module.")  # fmt: skip
+
+
+def _lora_lines(queue: JobQueue, job_id: str, shown: dict) -> list[str]:
+    """The lines of the job's latest `loras_applied` event (what each LoRA matched), kept in `shown`
+    (each tick reads only the events after the last one it saw)."""
+    try:
+        events = queue.events(job_id, shown.get("lora_seq", 0))
+    except JobError:
+        events = []
+    for e in events:
+        if e.get("type") == "loras_applied" and isinstance(e.get("lines"), list):
+            shown["loras"] = [str(line) for line in e["lines"]]
+        shown["lora_seq"] = max(shown.get("lora_seq", 0), e.get("seq", 0))
+    return shown.get("loras") or []
 
 
 def _busy(queue: JobQueue) -> bool:
@@ -521,7 +631,7 @@ def _follow(queue: JobQueue, session: dict) -> list:
         if path is not None and key != shown.get("video"):
             out[1] = str(path)
             shown["video"] = key
-    text, bar = progress_texts(job)
+    text, bar = progress_texts(job, _lora_lines(queue, job_id, shown))
     if (text, bar) != (shown.get("desc"), shown.get("bar")):
         out[2], out[3] = text, bar
         shown["desc"], shown["bar"] = text, bar

@@ -148,6 +148,7 @@ class FieldInfo:
 
 
 CONTROLS = "section controls"
+CACHE_NAMES = ("teacache", "magcache", "none")
 LORAS = "LoRA"
 REQUEST_FIELDS: dict[str, FieldInfo] = {
     "image": FieldInfo("start image (PNG, JPEG, WebP, ...)"),
@@ -160,8 +161,15 @@ REQUEST_FIELDS: dict[str, FieldInfo] = {
     "cfg": FieldInfo("real CFG scale; 1 = off (one model call per step)", (1, 32), slider=(1, 32, 0.01)),
     "cfg_rescale": FieldInfo("CFG re-scale", (0, 1), flag="--rs", slider=(0, 1, 0.01)),
     "window": FieldInfo("latent window size", (1, 33), slider=(1, 33, 1)),
-    "teacache": FieldInfo("TeaCache: skip transformer steps that would barely change (faster, slightly different)"),
+    "teacache": FieldInfo("step cache on/off (the official 'Use TeaCache' switch; off: --cache none)"),
     "teacache_threshold": FieldInfo("TeaCache threshold (0.1: about 1.6x, 0.15: about 2.1x faster)", (0, 1),
+                                    slider=(0, 1, 0.01)),
+    "cache": FieldInfo("step cache: skip transformer steps that would barely change (faster, slightly different)",
+                       choices=CACHE_NAMES),
+    "cache_threshold": FieldInfo("step cache threshold (default: TeaCache --teacache-threshold, MagCache 0.1)",
+                                 (0, 1), slider=(0, 1, 0.01)),
+    "magcache_k": FieldInfo("MagCache: most consecutive steps skipped", (1, 25), slider=(1, 10, 1)),
+    "magcache_retention": FieldInfo("MagCache: the first share of the steps always computes", (0, 1),
                                     slider=(0, 1, 0.01)),
     "resolution": FieldInfo(f"bucket base in pixels, a multiple of {RESOLUTION_STEP} in {RESOLUTION_MIN}.."
                             f"{RESOLUTION_MAX} (default: the model's, 640 for the real models, 64 for tiny)"),
@@ -239,6 +247,10 @@ class GenerationRequest:
     window: int = 9  # latent window size
     teacache: bool = True
     teacache_threshold: float = 0.15
+    cache: str = "teacache"  # framepack.models.caches.STEP_CACHES, or "none"; teacache=False also means none
+    cache_threshold: float | None = None  # None: the cache's default (TeaCache: teacache_threshold; MagCache 0.1)
+    magcache_k: int = 3
+    magcache_retention: float = 0.2
     resolution: int | None = None  # bucket base; None = the model's default (640 for the real models)
     crf: int = 16
     sampler: str = "unipc"

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from framepack import jobstate, sampling, vae
+from framepack.cachetables import find_table
 from framepack.config import GenerationRequest, RequestError, RuntimeOptions
 from framepack.controls import Anchor, SectionPrompt, parse_prompts, place_anchors, prompts_per_section
 from framepack.events import (
@@ -127,6 +128,7 @@ class Pipeline:
         *,
         image: np.ndarray | None = None,
         state_dir: str | os.PathLike | None = None,
+        step_cache: StepCache | None = None,
     ) -> GenerationResult:
         """Run one job (the flow in the module docstring). `image` (uint8 HWC) may replace
         `request.image` for in-process callers.
@@ -134,6 +136,7 @@ class Pipeline:
         `state_dir`: make the job resumable. State is saved there after every finished section; if
         the folder already holds a saved state for the same request, the job continues from it (the
         result equals an uninterrupted run's). Removed when the job finishes.
+        `step_cache`: use this step cache instead of the request's (e.g. a MagCache calibrator).
 
         Errors before the video exists (bad inputs, memory budget, missing weights) are raised as they
         are. Once it exists, a cancel gives a `Cancelled` result and an error a `GenerationFailed`
@@ -143,7 +146,7 @@ class Pipeline:
         if image is not None and request.image is None:
             request = dataclasses.replace(request, image="<array>")
         plan = check_request(request, self.spec, image)
-        run = JobRun(self, plan, on_event or _ignore, cancel or CancelToken(), state_dir)
+        run = JobRun(self, plan, on_event or _ignore, cancel or CancelToken(), state_dir, step_cache)
         interrupted = False
         try:
             run.condition()
@@ -194,7 +197,7 @@ class JobRun:
     manager, step cache, event callback, cancel token, RNG and video. Its methods are the flow."""
 
     def __init__(self, pipe: Pipeline, plan: JobPlan, emit: EventCallback, cancel: CancelToken,
-                 state_dir: str | os.PathLike | None) -> None:  # fmt: skip
+                 state_dir: str | os.PathLike | None, step_cache: StepCache | None = None) -> None:  # fmt: skip
         self.pipe, self.c, self.device = pipe, pipe.c, pipe.device
         self.plan, self.request, self.schedule = plan, plan.request, plan.schedule
         self.emit, self.cancel = emit, cancel
@@ -226,7 +229,8 @@ class JobRun:
         height, width = plan.inputs.size
         self.memory = self.c.plan_job(height=height // 8, width=width // 8, window=request.window,
                                       with_text=self.need_text)  # fmt: skip
-        self.cache: StepCache | None = make_step_cache(request)
+        table = find_table(pipe.spec, height, width, request.steps) if request.cache == "magcache" else None
+        self.cache: StepCache | None = step_cache or make_step_cache(request, table)
         self.cond: _Conditioning | None = None
         self.history: History | None = None
         self.writer: SectionVideoWriter | None = None

@@ -250,12 +250,66 @@ def _generate(args: argparse.Namespace) -> int:
     mem = f"peak host RAM {result.peak_rss_bytes / 2**30:.2f} GiB" if result.peak_rss_bytes else ""
     if result.peak_vram_bytes is not None:
         mem += f", peak VRAM {result.peak_vram_bytes / 2**30:.2f} GiB"
+    cache_line = _cache_summary(result.metadata)
+    if cache_line:
+        print(cache_line, file=sys.stderr)
     print(
         f"{result.status}: {result.video} — {result.frames} frames ({result.seconds:.2f} s at 30 fps), "
         f"{result.width}x{result.height}, {result.sections_done}/{result.sections} sections in {took:.1f} s; "
         f"{mem}; settings in {result.metadata}"
     )
     return 0 if result.status == "finished" else 1
+
+
+def _cache_summary(sidecar: Path) -> str | None:
+    """'step cache magcache (threshold 0.1, table ...): 61/100 forward calls computed; per section 16+9, ...'."""
+    try:
+        cache = json.loads(Path(sidecar).read_text()).get("step_cache")
+    except (OSError, ValueError):
+        return None
+    if not cache:
+        return None
+    settings = [f"threshold {cache.get('threshold')}"]
+    if cache.get("name") == "magcache":
+        settings += [f"K {cache.get('k')}", f"retention {cache.get('retention')}", f"table: {cache.get('table')}"]
+    per = ", ".join(f"{s['computed']}+{s['skipped']}" for s in cache.get("sections", []))
+    return (f"step cache {cache['name']} ({', '.join(settings)}): {cache['computed']}/{cache['calls']} forward calls "
+            f"computed; per section computed+skipped: {per}")
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from framepack.cachetables import calibrate, user_dir
+    from framepack.pipeline import load_pipeline
+
+    if args.offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    print(f"loading model {args.model!r} ...", file=sys.stderr)
+    pipe = load_pipeline(args.model, device=args.device, models_dir=args.models_dir, download=not args.offline)
+    folder = Path(args.out_dir) if args.out_dir else user_dir()
+    path, ratios = calibrate(pipe, image=args.image, prompt=args.prompt, steps=args.steps, resolution=args.resolution,
+                             seed=args.seed, folder=folder)  # fmt: skip
+    print(f"MagCache table for {args.model}, {args.steps} steps: {', '.join(f'{r:.4f}' for r in ratios)}")
+    print(f"written to {path}; jobs of this model use the nearest calibrated table (named in their sidecar)")
+    return 0
+
+
+def _add_calibrate(sub) -> None:
+    from framepack.registry import REGISTRY
+
+    p = sub.add_parser("calibrate-cache", help="measure a MagCache ratio table for a model, resolution and step count",
+                       description="Run one uncached section and record the block stack's residual magnitude "
+                       "ratios per step (a MagCache table) into <FRAMEPACK_HOME>/magcache.")  # fmt: skip
+    p.add_argument("--model", default="original", choices=sorted(REGISTRY))
+    p.add_argument("--resolution", type=int, help="bucket base (default: the model's)")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--image", help="start image (default: a synthetic gradient)")
+    p.add_argument("--prompt", default="the object moves to the right")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", help="where the table goes (default <FRAMEPACK_HOME>/magcache)")
+    p.add_argument("--device", help="cuda, cpu or mps (default: cuda when available)")
+    p.add_argument("--models-dir", help="local copies of the weight repos, laid out as DIR/<org>/<name>")
+    p.add_argument("--offline", action="store_true", help="never download; use cached or local weights only")
+    p.set_defaults(func=_calibrate)
 
 
 def _download(args: argparse.Namespace) -> int:
@@ -566,6 +620,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_ui(sub)
     _add_train(sub)
     _add_lora(sub)
+    _add_calibrate(sub)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -10,8 +10,11 @@ TeaCache counted as two steps); `report()` says what it computed and skipped, fo
 Caches change results, so they are off unless a request asks for one (`make_step_cache`).
 
     TeaCache   the official FramePack step cache (a rescaled relative-L1 test on block 0's input)
+    MagCache   skips on the calibrated magnitude ratio of consecutive block-stack residuals
+    MagCalibrator  computes every step and records those ratios (`framepack calibrate-cache`)
 
-A new cache is a class with these four methods, added to `STEP_CACHES`.
+A new cache is a class with these four methods, added to `STEP_CACHES`. Every cache's `report()`
+also lists, per section, how many forward calls computed and how many were skipped.
 """
 
 from __future__ import annotations
@@ -85,6 +88,7 @@ class TeaCache:
     coefficients: tuple[float, ...] = TEACACHE_COEFFICIENTS
     num_steps: int = 25
     log: list[tuple[int, str, bool]] = field(default_factory=list)  # this section: (step, pass, computed)
+    sections: list[dict] = field(default_factory=list)  # per section: forward calls computed / skipped
     calls: int = 0  # since construction (a whole job), for reporting
     computed: int = 0
     _passes: dict[str, _PassState] = field(default_factory=dict)
@@ -96,6 +100,7 @@ class TeaCache:
         self.num_steps = num_steps
         self._passes.clear()
         self.log.clear()
+        self.sections.append({"computed": 0, "skipped": 0})
         self._step = None
 
     def select(self, step: int, pass_name: str = "cond") -> None:
@@ -128,6 +133,8 @@ class TeaCache:
         self.log.append((step, self._pass, compute))
         self.calls += 1
         self.computed += compute
+        if self.sections:
+            self.sections[-1]["computed" if compute else "skipped"] += 1
         return compute
 
     def __call__(self, stack: BlockStack) -> torch.Tensor:
@@ -144,7 +151,7 @@ class TeaCache:
 
     def report(self) -> dict:
         return {"name": self.name, "threshold": self.threshold, "calls": self.calls, "computed": self.computed,
-                "computed_fraction": round(self.computed_fraction, 3)}  # fmt: skip
+                "computed_fraction": round(self.computed_fraction, 3), "sections": list(self.sections)}  # fmt: skip
 
 
 def block0_input(stack: BlockStack) -> torch.Tensor:
@@ -156,10 +163,192 @@ def block0_input(stack: BlockStack) -> torch.Tensor:
         return modulate(stack.hidden, shift, scale)
 
 
-# name -> the cache a request asks for (framepack.config: `teacache`, `teacache_threshold`)
-STEP_CACHES: dict[str, Callable[..., StepCache]] = {"teacache": lambda request: TeaCache(request.teacache_threshold)}
+# ------------------------------------------------------------------------------------ MagCache
+# Official FramePack MagCache tables at 25 steps (640 px): gamma_t = mean over tokens of
+# |r_t| / |r_(t-1)|, r = the block stack's residual; step 0 has no predecessor (1.0).
+MAGCACHE_RATIOS = {
+    "inverted": (1.0, 1.26562, 1.23438, 1.03125, 1.02344, 1.03906, 1.01562, 1.03906, 1.05469, 1.02344, 1.03906,
+                 0.99609, 1.03125, 1.02344, 1.01562, 1.02344, 1.00781, 1.04688, 0.98828, 1.0, 1.00781, 0.98828,
+                 0.94141, 0.94141, 0.78906),
+    "forward": (1.0, 1.25781, 1.08594, 1.02344, 1.00781, 1.02344, 1.00781, 1.02344, 1.05469, 0.99609, 1.03906,
+                1.00781, 1.01562, 1.00781, 1.02344, 1.01562, 0.98047, 1.05469, 0.98047, 0.96875, 1.03125, 0.97266,
+                0.9375, 0.96484, 0.78516),
+}  # fmt: skip
+MAGCACHE_GUARD = 0.06  # a step whose own ratio is further than this from 1 always computes
 
 
-def make_step_cache(request) -> StepCache | None:
-    """The step cache a GenerationRequest asks for, or None (every step computes)."""
-    return STEP_CACHES["teacache"](request) if request.teacache else None
+def resample_ratios(ratios: tuple[float, ...] | list[float], steps: int) -> tuple[float, ...]:
+    """A ratio table for `steps` steps from one of another length, by nearest index i * (L-1) / (T-1)."""
+    n = len(ratios)
+    if steps == n:
+        return tuple(ratios)
+    if steps == 1:
+        return (float(ratios[0]),)
+    return tuple(float(ratios[int(i * (n - 1) / (steps - 1) + 0.5)]) for i in range(steps))
+
+
+@dataclass
+class _MagState:
+    ratio: float = 1.0  # accumulated product of the skipped steps' gammas
+    err: float = 0.0  # accumulated |1 - ratio|
+    skipped: int = 0  # consecutive skipped steps
+    residual: torch.Tensor | None = None
+    calls: int = 0
+
+
+@dataclass
+class MagCache:
+    """MagCache (Ma et al. 2025) on the whole block stack, with per-guidance-pass state.
+
+    Steps before floor(retention * steps), step 0 and the last step always compute. Otherwise the
+    step's calibrated ratio gamma_t is folded into the accumulators (ratio *= gamma_t, err += |1 -
+    ratio|, skipped += 1) and the step reuses the cached residual when err <= threshold, skipped <=
+    k and |1 - gamma_t| <= 0.06; a computed step resets the accumulators and stores its residual.
+    `threshold <= 0` computes every step.
+    """
+
+    ratios: tuple[float, ...]  # calibrated gamma per step (any length: resampled to the section's steps)
+    threshold: float = 0.10
+    k: int = 3
+    retention: float = 0.2
+    source: str = "official"  # where the table came from (reported in the sidecar)
+    name = "magcache"
+    num_steps: int = 25
+    log: list[tuple[int, str, bool]] = field(default_factory=list)
+    sections: list[dict] = field(default_factory=list)
+    calls: int = 0
+    computed: int = 0
+    _table: tuple[float, ...] = ()
+    _passes: dict[str, _MagState] = field(default_factory=dict)
+    _step: int | None = None
+    _pass: str = "cond"
+
+    def reset(self, num_steps: int) -> None:
+        self.num_steps = num_steps
+        self._table = resample_ratios(self.ratios, num_steps)
+        self._passes.clear()
+        self.log.clear()
+        self.sections.append({"computed": 0, "skipped": 0})
+        self._step = None
+
+    def select(self, step: int, pass_name: str = "cond") -> None:
+        self._step, self._pass = step, pass_name
+
+    def decide(self) -> bool:
+        st = self._passes.setdefault(self._pass, _MagState())
+        if not self._table:
+            self._table = resample_ratios(self.ratios, self.num_steps)
+        step = self._step if self._step is not None else st.calls % self.num_steps
+        st.calls += 1
+        always = (step == 0 or step >= self.num_steps - 1 or step < int(self.retention * self.num_steps)
+                  or st.residual is None or self.threshold <= 0)  # fmt: skip
+        compute = True
+        if not always:
+            gamma = self._table[step]
+            st.ratio *= gamma
+            st.err += abs(1.0 - st.ratio)
+            st.skipped += 1
+            compute = not (st.err <= self.threshold and st.skipped <= self.k and abs(1.0 - gamma) <= MAGCACHE_GUARD)
+        if compute:
+            st.ratio, st.err, st.skipped = 1.0, 0.0, 0
+        self.log.append((step, self._pass, compute))
+        self.calls += 1
+        self.computed += compute
+        if self.sections:
+            self.sections[-1]["computed" if compute else "skipped"] += 1
+        return compute
+
+    def __call__(self, stack: BlockStack) -> torch.Tensor:
+        if self.decide():
+            out = stack.run()
+            self._passes[self._pass].residual = stack.residual(out)
+            return out
+        return stack.reuse(self._passes[self._pass].residual)
+
+    @property
+    def computed_fraction(self) -> float:
+        return self.computed / max(1, self.calls)
+
+    def report(self) -> dict:
+        return {"name": self.name, "threshold": self.threshold, "k": self.k, "retention": self.retention,
+                "table": self.source, "calls": self.calls, "computed": self.computed,
+                "computed_fraction": round(self.computed_fraction, 3), "sections": list(self.sections)}  # fmt: skip
+
+
+def residual_ratio(current: torch.Tensor, previous: torch.Tensor) -> float:
+    """gamma = mean over tokens of |r_t| / |r_(t-1)| (L2 norms along the channel dim)."""
+    a = current.float().norm(dim=-1)
+    b = previous.float().norm(dim=-1).clamp_min(1e-12)
+    return float((a / b).mean())
+
+
+@dataclass
+class MagCalibrator:
+    """Computes every step and records gamma_t of the first guidance pass ("cond"): a MagCache table.
+    Several sections average per step."""
+
+    name = "magcache-calibration"
+    num_steps: int = 25
+    ratios: list[list[float]] = field(default_factory=list)  # per section: gamma per step (step 0: 1.0)
+    calls: int = 0
+    _previous: torch.Tensor | None = None
+    _step: int | None = None
+    _pass: str = "cond"
+
+    def reset(self, num_steps: int) -> None:
+        self.num_steps = num_steps
+        self.ratios.append([])
+        self._previous = None
+
+    def select(self, step: int, pass_name: str = "cond") -> None:
+        self._step, self._pass = step, pass_name
+
+    def __call__(self, stack: BlockStack) -> torch.Tensor:
+        out = stack.run()
+        self.calls += 1
+        if self._pass == "cond":
+            residual = stack.residual(out)
+            if not self.ratios:
+                self.ratios.append([])
+            self.ratios[-1].append(1.0 if self._previous is None else residual_ratio(residual, self._previous))
+            self._previous = residual
+        return out
+
+    def table(self) -> tuple[float, ...]:
+        rows = [r for r in self.ratios if r]
+        if not rows:
+            raise ValueError("no section was calibrated")
+        n = min(len(r) for r in rows)
+        return tuple(round(sum(r[i] for r in rows) / len(rows), 5) for i in range(n))
+
+    def report(self) -> dict:
+        return {"name": self.name, "calls": self.calls, "computed": self.calls, "computed_fraction": 1.0}
+
+
+# name -> the cache a request asks for, given the MagCache table for the job (framepack.magtables)
+STEP_CACHES: dict[str, Callable[..., StepCache]] = {
+    "teacache": lambda request, table: TeaCache(request.cache_threshold if request.cache_threshold is not None
+                                                else request.teacache_threshold),
+    "magcache": lambda request, table: MagCache(table[0], request.cache_threshold if request.cache_threshold
+                                                is not None else 0.10, request.magcache_k,
+                                                request.magcache_retention, table[1]),
+}  # fmt: skip
+
+
+def make_step_cache(request, table: tuple[tuple[float, ...], str] | None = None) -> StepCache | None:
+    """The step cache a GenerationRequest asks for, or None (every step computes). `table`: the
+    MagCache ratios for the job and where they came from (default: the official original table)."""
+    name = request.cache if request.teacache else "none"
+    if name == "none":
+        return None
+    return STEP_CACHES[name](request, table or (MAGCACHE_RATIOS["inverted"], "official original, 25 steps"))
+
+
+def _check_names() -> None:
+    from framepack.config import CACHE_NAMES
+
+    if set(STEP_CACHES) | {"none"} != set(CACHE_NAMES):  # a new cache needs its request choice (config.py)
+        raise ImportError(f"STEP_CACHES {sorted(STEP_CACHES)} and config.CACHE_NAMES {CACHE_NAMES} disagree")
+
+
+_check_names()

@@ -2,7 +2,8 @@
 installed by .ci/run) driven by Playwright uploads an image, types a prompt, starts a job, sees the
 progress text change and a playable <video>, queues a second job and cancels it from the queue panel.
 A screenshot is saved to $FRAMEPACK_TEST_ARTIFACTS (default outputs/test-artifacts/ui_browser.png).
-Also: the controls keep the official defaults and ranges, and settings round-trip through a job."""
+Also: the controls keep the official defaults and ranges, and settings round-trip through a job. In the
+browser, the step cache selector moves the threshold slider to the chosen cache's default."""
 
 from __future__ import annotations
 
@@ -30,10 +31,14 @@ def _home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("FRAMEPACK_HOME", home(tmp_path_factory))
 
 
+RETENTION = "MagCache retention: the first share of the steps always computes"
+
+
 def test_controls_have_the_official_defaults_and_ranges():
     c = {x.field: x for x in ui.CONTROLS}
     official = {  # spec §7: (label, default, min, max, step, hidden)
-        "teacache": ("Use TeaCache", True, None, None, None, False),
+        "cache": ("Step cache", "teacache", None, None, None, False),  # the official "Use TeaCache" checkbox
+        "cache_threshold": ("Step cache threshold", 0.15, 0, 1, 0.01, False),
         "negative_prompt": ("Negative Prompt", "", None, None, None, True),
         "seed": ("Seed", 31337, None, None, None, False),
         "seconds": ("Total Video Length (Seconds)", 5, 1, 120, 0.1, False),
@@ -44,7 +49,10 @@ def test_controls_have_the_official_defaults_and_ranges():
         "cfg_rescale": ("CFG Re-Scale", 0.0, 0, 1, 0.01, True),
         "preserved_memory_gb": ("GPU Inference Preserved Memory (GB) (larger means slower)", 6, 6, 128, 0.1, False),
         "crf": ("MP4 Compression", 16, 0, 51, 1, False),  # official max 100; x264 stops at 51
+        "magcache_k": ("MagCache K: most consecutive steps skipped", 3, 1, 10, 1, True),
+        "magcache_retention": (RETENTION, 0.2, 0, 1, 0.01, True),
     }
+    assert "teacache" not in c and c["cache"].kind == "radio"
     for field, (label, default, lo, hi, step, hidden) in official.items():
         got = c[field]
         assert (got.label, got.initial(), got.minimum, got.maximum, got.step, got.advanced) == (
@@ -173,4 +181,19 @@ def _drive(page, url: str, image: Path, queue: JobQueue) -> None:
     page.click("#fp-load")
     wait_until(lambda: page.locator("#fp-prompt textarea").input_value() == FAST["prompt"], 10, "loaded settings")
     assert page.locator("#fp-seconds input[type=number]").input_value() == "4.8"
+    assert page.locator("#fp-cache input[value=teacache]").is_checked()
     page.screenshot(path=str(ARTIFACTS / "ui_history.png"), full_page=True)
+
+    # The step cache selector: the threshold follows the chosen cache's default until the user moves it.
+    threshold = page.locator("#fp-cache_threshold input[type=number]")
+    assert float(threshold.input_value()) == 0.15
+    page.locator("#fp-cache label", has_text="MagCache").click()
+    wait_until(lambda: float(threshold.input_value()) == 0.1, 10, "the MagCache default threshold")
+    page.locator("#fp-cache label", has_text="TeaCache").click()
+    wait_until(lambda: float(threshold.input_value()) == 0.15, 10, "the TeaCache default threshold")
+    threshold.fill("0.3")
+    threshold.press("Enter")
+    page.wait_for_timeout(300)
+    page.locator("#fp-cache label", has_text="MagCache").click()
+    page.wait_for_timeout(500)
+    assert float(threshold.input_value()) == 0.3 and page.locator("#fp-cache input[value=magcache]").is_checked()

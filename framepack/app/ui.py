@@ -11,11 +11,14 @@ the official default and range (the hidden ones are under "Advanced"), "Next Lat
 the growing "Finished Frames" video, the progress text and bar. Deviations: MP4 Compression is
 0..51 (x264's range; the official slider allows 0..100, which fails above 51), and GPU preserved
 memory has an "automatic" switch, on by default (the engine's own planner; off = the official 6 GB).
+"Use TeaCache" is a step cache selector (TeaCache / MagCache / none, `CACHE_LABELS`) with the selected
+cache's threshold beside it; MagCache's K and retention are under "Advanced" (`cache_settings`).
 
 `CONTROLS` is the one list of generation controls: a new GenerationRequest field gets a widget by
 adding one `Control` there; settings load into it and are submitted from it by field name. The LoRA
 picker (`LORA_ROWS` rows of file + weight over the queue's LoRA folder, include/exclude, rescan) sets
-`loras`, `lora_include` and `lora_exclude` (`collect_loras`, `lora_settings`).
+`loras`, `lora_include` and `lora_exclude` (`collect_loras`, `lora_settings`). A finished job's
+progress text and History entry say what its step cache computed and skipped (`cache_summary`).
 `mount(app, queue)` puts the page at / of a FastAPI app (the HTTP API's, so one server has both).
 """
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import html
+import json
 import secrets
 import time
 from collections.abc import Callable
@@ -33,6 +37,7 @@ import gradio as gr
 
 from framepack.config import REQUEST_FIELDS, GenerationRequest, LoraRef
 from framepack.jobs import INPUT, SERVER_FIELDS, TERMINAL, Job, JobError, JobQueue, stage_label, upload_fields
+from framepack.models.caches import MagCache
 from framepack.sections import FPS, SCHEDULES
 
 QUICK_PROMPTS = (
@@ -45,6 +50,10 @@ LORA_ROWS = 4  # LoRA picker rows (file + weight)
 LORA_NONE = "none"
 LORA_WEIGHT = (-2.0, 2.0, 0.05)  # the picker's weight slider (min, max, step); the engine accepts LORA_WEIGHT_RANGE
 LORA_FIELDS = ("loras", "lora_include", "lora_exclude")  # set by the LoRA picker, not by CONTROLS
+CACHE_LABELS = {"teacache": "TeaCache", "magcache": "MagCache", "none": "none"}  # config.CACHE_NAMES, as shown
+# The threshold slider's value when a cache is chosen (what `cache_threshold: None` means to the engine).
+CACHE_THRESHOLDS = {"teacache": GenerationRequest.teacache_threshold, "magcache": MagCache.threshold}
+CACHE_FIELDS = ("teacache", "teacache_threshold")  # represented by the cache selector and threshold slider
 
 CSS = """
 .no-generating-animation > .generating { display: none !important; }
@@ -65,12 +74,13 @@ class Control:
 
     field: str
     label: str
-    kind: str  # "slider" | "number" | "checkbox" | "text" | "dropdown"
+    kind: str  # "slider" | "number" | "checkbox" | "text" | "dropdown" | "radio"
     info: str | None = None
     advanced: bool = False  # hidden on the official page: under "Advanced"
     default: Any = _DEFAULT
     option: bool = False  # a job option (JobQueue.submit options), not a request field
     slider: tuple[float, float, float] | None = None  # (min, max, step) of an option's slider
+    labels: tuple[tuple[str, str], ...] = ()  # (choice, shown label) where a choice is shown otherwise
 
     @property
     def _range(self) -> tuple[float | None, float | None, float | None]:
@@ -96,6 +106,11 @@ class Control:
         info = REQUEST_FIELDS.get(self.field)
         return info.choices if info is not None else None
 
+    def shown_choices(self) -> list[tuple[str, str]]:
+        """(label, value) per choice, as Gradio takes them."""
+        names = dict(self.labels)
+        return [(names.get(c, c), c) for c in self.choices or ()]
+
     def initial(self) -> Any:
         if self.default is not _DEFAULT:
             return self.default
@@ -114,15 +129,20 @@ class Control:
         if self.kind == "text":
             return gr.Textbox(**kw)
         if self.kind == "dropdown":
-            return gr.Dropdown(choices=list(self.choices or ()), **kw)
+            return gr.Dropdown(choices=self.shown_choices(), **kw)
+        if self.kind == "radio":
+            return gr.Radio(choices=self.shown_choices(), **kw)
         raise ValueError(f"unknown control kind {self.kind!r}")
 
 
 # The official controls (spec §7 table, same order), then ours. Add new request fields here; their
 # ranges and choices are in framepack.config.REQUEST_FIELDS.
 CONTROLS: tuple[Control, ...] = (
-    Control("teacache", "Use TeaCache", "checkbox",
-            info="Faster speed, but often makes hands and fingers slightly worse."),
+    Control("cache", "Step cache", "radio", labels=tuple(CACHE_LABELS.items()),
+            info="Faster speed, but often makes hands and fingers slightly worse. (The official 'Use TeaCache'.)"),
+    Control("cache_threshold", "Step cache threshold", "slider", default=CACHE_THRESHOLDS["teacache"],
+            info="Higher skips more steps (faster, further from the uncached result). Default: TeaCache 0.15 "
+                 "(about 2.1x faster; 0.1: about 1.6x), MagCache 0.10."),
     Control("negative_prompt", "Negative Prompt", "text", advanced=True),
     Control("seed", "Seed", "number"),
     Control("seconds", "Total Video Length (Seconds)", "slider"),
@@ -138,7 +158,9 @@ CONTROLS: tuple[Control, ...] = (
     Control("crf", "MP4 Compression", "slider",
             info="Lower means better quality. 0 is uncompressed. Change to 16 if you get black outputs."),
     Control("sampler", "Sampler", "dropdown", advanced=True),
-    Control("teacache_threshold", REQUEST_FIELDS["teacache_threshold"].help, "slider", advanced=True),
+    Control("magcache_k", "MagCache K: most consecutive steps skipped", "slider", advanced=True),
+    Control("magcache_retention", "MagCache retention: the first share of the steps always computes", "slider",
+            advanced=True),
     Control("prompt_blend", "Blend timestamped prompts ('[0s: ...] [2.5s: ...]') over a section", "checkbox",
             advanced=True),
     Control("end_strength", "End frame strength", "slider", advanced=True),
@@ -167,6 +189,8 @@ def collect(controls: tuple[Control, ...], values: list[Any], base: dict | None 
         elif c.kind == "slider":
             value = float(value)
         params[c.field] = value
+    if "cache" in raw:  # the selector replaces the official "Use TeaCache" switch: keep the two in agreement
+        params["teacache"] = raw["cache"] != "none"
     options = {}
     if "preserved_memory_auto" in raw and not raw["preserved_memory_auto"]:
         options["preserved_memory_gb"] = float(raw["preserved_memory_gb"])
@@ -176,17 +200,66 @@ def collect(controls: tuple[Control, ...], values: list[Any], base: dict | None 
 def settings_of(job: Job, controls: tuple[Control, ...]) -> tuple[list[Any], dict]:
     """A job's stored settings -> (widget values in `controls` order, the params without a widget)."""
     params = job.params()
+    choice, threshold = cache_settings(params)
     values = []
     for c in controls:
-        if c.field == "preserved_memory_auto":
+        if c.field == "cache":
+            values.append(choice)
+        elif c.field == "cache_threshold":
+            values.append(threshold)
+        elif c.field == "preserved_memory_auto":
             values.append("preserved_memory_gb" not in job.options)
         elif c.field == "preserved_memory_gb":
             values.append(job.options.get("preserved_memory_gb", c.initial()))
         else:
             values.append(params.get(c.field, c.initial()))
     picked = {c.field for c in controls} | {"prompt", "resolution", *LORA_FIELDS}
+    if "cache" in picked:
+        picked |= set(CACHE_FIELDS)
     rest = {k: v for k, v in params.items() if k not in picked}
     return values, rest
+
+
+def cache_settings(params: dict) -> tuple[str, float]:
+    """A job's request -> (the cache selector's value, the threshold slider's). `teacache: false` is no
+    step cache whatever `cache` says (the official switch; records from before `cache` have only it);
+    a record without `cache` is TeaCache; no `cache_threshold`: the chosen cache's default, which for
+    TeaCache is the request's `teacache_threshold`."""
+    choice = "none" if params.get("teacache") is False else params.get("cache") or "teacache"
+    if choice not in CACHE_LABELS:  # a damaged record or a cache this version does not know
+        choice = "teacache"
+    threshold = params.get("cache_threshold")
+    if threshold is None:
+        magcache = choice == "magcache"
+        threshold = CACHE_THRESHOLDS["magcache"] if magcache else params.get("teacache_threshold")
+        threshold = CACHE_THRESHOLDS["teacache"] if threshold is None else threshold
+    return choice, threshold
+
+
+def switched_threshold(choice: str, value: float | None) -> float | None:
+    """The threshold slider after the user picks `choice`: the new cache's default while the slider
+    still shows a cache's default (the user has not moved it), else the user's value."""
+    untouched = value is None or any(abs(float(value) - d) < 1e-9 for d in CACHE_THRESHOLDS.values())
+    return CACHE_THRESHOLDS[choice] if choice in CACHE_THRESHOLDS and untouched else value
+
+
+def cache_summary(sidecar: dict | None) -> str | None:
+    """A job's step cache result (its sidecar's `step_cache`) in a line, or None (no cache ran)."""
+    cache = (sidecar or {}).get("step_cache")
+    if not isinstance(cache, dict) or not cache.get("name"):
+        return None
+    name = CACHE_LABELS.get(cache["name"], cache["name"])
+    settings = [f"threshold {cache.get('threshold')}"]
+    if cache["name"] == "magcache":
+        settings += [f"K {cache.get('k')}", f"retention {cache.get('retention')}"]
+    calls, computed = cache.get("calls") or 0, cache.get("computed") or 0
+    line = (f"Step cache {name} ({', '.join(settings)}): {computed}/{calls} forward calls computed, "
+            f"{calls - computed} skipped")  # fmt: skip
+    sections = [s for s in cache.get("sections") or () if isinstance(s, dict)]
+    if sections:
+        line += "; per section computed+skipped: " + ", ".join(f"{s.get('computed')}+{s.get('skipped')}"
+                                                                for s in sections)  # fmt: skip
+    return line
 
 
 def lora_choices(library: Any) -> list[str]:
@@ -225,12 +298,15 @@ def lora_settings(params: dict) -> tuple[list[Any], str, str, list[str]]:
     return rows, params.get("lora_include") or "", params.get("lora_exclude") or "", left
 
 
-def progress_texts(job: Job, loras: list[str] | None = None) -> tuple[str, str]:
+def progress_texts(job: Job, loras: list[str] | None = None, cache: str | None = None) -> tuple[str, str]:
     """(description markdown, progress bar HTML) in the official wording, plus section and state.
-    `loras`: the lines of the job's `loras_applied` event (what each LoRA file matched), shown under it."""
+    `loras`: the lines of the job's `loras_applied` event (what each LoRA file matched), shown under it.
+    `cache`: an ended job's step cache result (`cache_summary`), shown last."""
     desc, bar = _progress_texts(job)
     if loras and job.state != "queued":
         desc += "".join(f"  \n{_md_escape(line)}" for line in loras)
+    if cache and job.terminal:
+        desc += f"  \n{_md_escape(cache)}"
     return desc, bar
 
 
@@ -347,6 +423,11 @@ def build(queue: JobQueue, *, title: str = "FramePack") -> gr.Blocks:
                     carried = gr.Markdown("")
                 ordered = [c for c in controls if not c.advanced] + [c for c in controls if c.advanced]
                 control_widgets = widgets + advanced
+                by_field = {c.field: w for c, w in zip(ordered, control_widgets)}
+                if "cache" in by_field and "cache_threshold" in by_field:  # .input: the user's picks, not a load
+                    by_field["cache"].input(switched_threshold, inputs=[by_field["cache"], by_field["cache_threshold"]],
+                                            outputs=[by_field["cache_threshold"]], show_progress="hidden",
+                                            queue=False)  # fmt: skip
                 lora_files = lora_choices(queue.lora_library())
                 with gr.Accordion("LoRA", open=False, elem_id="fp-lora"):
                     lora_note = gr.Markdown(_lora_note(queue, lora_files), elem_id="fp-lora-folder")
@@ -493,6 +574,9 @@ def build(queue: JobQueue, *, title: str = "FramePack") -> gr.Blocks:
             video_path = next((f for f in files if f.endswith(".mp4")), None)
             info = {"state": job.state, "model": job.model, "params": job.params(), "options": job.options,
                     "result": job.result, "error": job.error, "resumable": job.resumable}  # fmt: skip
+            cache = (_sidecar(queue, job) or {}).get("step_cache")
+            if cache:
+                info["step_cache"] = cache
             return video_path, info, files or None
 
         hist_pick.change(on_pick, inputs=[hist_pick], outputs=[hist_video, hist_params, hist_files])
@@ -575,6 +659,15 @@ def _lora_lines(queue: JobQueue, job_id: str, shown: dict) -> list[str]:
     return shown.get("loras") or []
 
 
+def _sidecar(queue: JobQueue, job: Job) -> dict | None:
+    """The job's sidecar (video.json), or None (none yet, or unreadable)."""
+    try:
+        data = json.loads(queue.job_file(job.id, "metadata").read_text())
+    except (JobError, OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def _busy(queue: JobQueue) -> bool:
     return bool(queue.list(["running"]))
 
@@ -631,7 +724,9 @@ def _follow(queue: JobQueue, session: dict) -> list:
         if path is not None and key != shown.get("video"):
             out[1] = str(path)
             shown["video"] = key
-    text, bar = progress_texts(job, _lora_lines(queue, job_id, shown))
+    if job.terminal and shown.get("cache_of") != job.finished:  # read once per end (a resumed job ends again)
+        shown["cache"], shown["cache_of"] = cache_summary(_sidecar(queue, job)), job.finished
+    text, bar = progress_texts(job, _lora_lines(queue, job_id, shown), shown.get("cache"))
     if (text, bar) != (shown.get("desc"), shown.get("bar")):
         out[2], out[3] = text, bar
         shown["desc"], shown["bar"] = text, bar

@@ -175,6 +175,7 @@ MAGCACHE_RATIOS = {
                 0.9375, 0.96484, 0.78516),
 }  # fmt: skip
 MAGCACHE_GUARD = 0.06  # a step whose own ratio is further than this from 1 always computes
+MAGCACHE_THRESHOLD = 0.10  # the default threshold (TeaCache's is the request's teacache_threshold, 0.15)
 
 
 def resample_ratios(ratios: tuple[float, ...] | list[float], steps: int) -> tuple[float, ...]:
@@ -208,7 +209,7 @@ class MagCache:
     """
 
     ratios: tuple[float, ...]  # calibrated gamma per step (any length: resampled to the section's steps)
-    threshold: float = 0.10
+    threshold: float = MAGCACHE_THRESHOLD
     k: int = 3
     retention: float = 0.2
     source: str = "official"  # where the table came from (reported in the sidecar)
@@ -330,7 +331,7 @@ STEP_CACHES: dict[str, Callable[..., StepCache]] = {
     "teacache": lambda request, table: TeaCache(request.cache_threshold if request.cache_threshold is not None
                                                 else request.teacache_threshold),
     "magcache": lambda request, table: MagCache(table[0], request.cache_threshold if request.cache_threshold
-                                                is not None else 0.10, request.magcache_k,
+                                                is not None else MAGCACHE_THRESHOLD, request.magcache_k,
                                                 request.magcache_retention, table[1]),
 }  # fmt: skip
 

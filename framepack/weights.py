@@ -488,7 +488,7 @@ def save_transformer(
     config_json = json.dumps(model.config.to_json_dict(), indent=2)
     if path.suffix == ".safetensors":
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_save(tensors, path, {CONFIG_METADATA_KEY: config_json})
+        save_safetensors(tensors, path, {CONFIG_METADATA_KEY: config_json})
         return path
     path.mkdir(parents=True, exist_ok=True)
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -502,12 +502,12 @@ def save_transformer(
         size += nbytes
     (path / CONFIG_NAME).write_text(config_json + "\n")
     if len(shards) == 1:
-        _atomic_save(shards[0], path / WEIGHTS_NAME)
+        save_safetensors(shards[0], path / WEIGHTS_NAME)
         return path
     weight_map = {}
     for i, shard in enumerate(shards, 1):
         name = f"diffusion_pytorch_model-{i:05d}-of-{len(shards):05d}.safetensors"
-        _atomic_save(shard, path / name)
+        save_safetensors(shard, path / name)
         weight_map.update(dict.fromkeys(shard, name))
     total = sum(v.numel() * v.element_size() for v in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -515,7 +515,8 @@ def save_transformer(
     return path
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file atomically (a .partial sibling, then renamed): never a half-written file."""
     tmp = path.with_name(path.name + ".partial")
     try:
         save_file(tensors, str(tmp), metadata=metadata)

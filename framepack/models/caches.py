@@ -67,31 +67,21 @@ class StepCache(Protocol):
 TEACACHE_COEFFICIENTS = (7.33226126e02, -4.01131952e02, 6.75869174e01, -3.14987800e00, 9.61237896e-02)
 
 
-@dataclass
-class _PassState:
-    previous: torch.Tensor | None = None  # block-0 modulated input of the last call
-    accumulated: float = 0.0
-    residual: torch.Tensor | None = None  # blocks' output - input on the kept rows, last computed step
-    calls: int = 0
+@dataclass(kw_only=True)
+class ResidualCache:
+    """What TeaCache and MagCache share: per-guidance-pass state (`state_type`), a per-section log,
+    per-section and whole-job counts, and the residual reuse itself. A subclass decides per call
+    (`decide_call`); a computed call stores its residual, a skipped one adds the pass's last residual
+    to the rows going in."""
 
-
-@dataclass
-class TeaCache:
-    """TeaCache (Liu et al. 2024) as FramePack uses it: threshold 0.15 ~ 2.1x, 0.1 ~ 1.6x fewer block runs.
-
-    Always computes the first and the last step of a section. `threshold <= 0` computes every step.
-    It compares block 0's AdaLN output on the image stream between consecutive calls of a pass.
-    """
-
-    name = "teacache"
-    threshold: float = 0.15
-    coefficients: tuple[float, ...] = TEACACHE_COEFFICIENTS
+    name = "?"
+    state_type: type = field(default=object, repr=False)
     num_steps: int = 25
     log: list[tuple[int, str, bool]] = field(default_factory=list)  # this section: (step, pass, computed)
     sections: list[dict] = field(default_factory=list)  # per section: forward calls computed / skipped
     calls: int = 0  # since construction (a whole job), for reporting
     computed: int = 0
-    _passes: dict[str, _PassState] = field(default_factory=dict)
+    _passes: dict = field(default_factory=dict)
     _step: int | None = None
     _pass: str = "cond"
 
@@ -107,6 +97,62 @@ class TeaCache:
         """The next forward call belongs to sampler step `step` of guidance pass `pass_name`."""
         self._step, self._pass = step, pass_name
 
+    def _state(self):
+        """This pass's state and the call's sampler step (counted per pass when nobody selected one)."""
+        st = self._passes.setdefault(self._pass, self.state_type())
+        step = self._step if self._step is not None else st.calls % self.num_steps
+        st.calls += 1
+        return st, step
+
+    def _record(self, step: int, compute: bool) -> bool:
+        self.log.append((step, self._pass, compute))
+        self.calls += 1
+        self.computed += compute
+        if self.sections:
+            self.sections[-1]["computed" if compute else "skipped"] += 1
+        return compute
+
+    def decide_call(self, stack: BlockStack) -> bool:
+        raise NotImplementedError
+
+    def __call__(self, stack: BlockStack) -> torch.Tensor:
+        if self.decide_call(stack):
+            out = stack.run()
+            self._passes[self._pass].residual = stack.residual(out)
+            return out
+        return stack.reuse(self._passes[self._pass].residual)
+
+    @property
+    def computed_fraction(self) -> float:
+        """Share of forward calls that ran the blocks, over every section since construction."""
+        return self.computed / max(1, self.calls)
+
+    def counts(self) -> dict:
+        return {"calls": self.calls, "computed": self.computed, "computed_fraction": round(self.computed_fraction, 3),
+                "sections": list(self.sections)}  # fmt: skip
+
+
+@dataclass
+class _PassState:
+    previous: torch.Tensor | None = None  # block-0 modulated input of the last call
+    accumulated: float = 0.0
+    residual: torch.Tensor | None = None  # blocks' output - input on the kept rows, last computed step
+    calls: int = 0
+
+
+@dataclass
+class TeaCache(ResidualCache):
+    """TeaCache (Liu et al. 2024) as FramePack uses it: threshold 0.15 ~ 2.1x, 0.1 ~ 1.6x fewer block runs.
+
+    Always computes the first and the last step of a section. `threshold <= 0` computes every step.
+    It compares block 0's AdaLN output on the image stream between consecutive calls of a pass.
+    """
+
+    name = "teacache"
+    threshold: float = 0.15
+    coefficients: tuple[float, ...] = TEACACHE_COEFFICIENTS
+    state_type: type = field(default=_PassState, repr=False, kw_only=True)
+
     def rescale(self, rel_l1: float) -> float:
         result = 0.0
         for c in self.coefficients:
@@ -115,9 +161,7 @@ class TeaCache:
 
     def decide(self, modulated: torch.Tensor) -> bool:
         """True: run the blocks this step; False: reuse the cached residual."""
-        st = self._passes.setdefault(self._pass, _PassState())
-        step = self._step if self._step is not None else st.calls % self.num_steps
-        st.calls += 1
+        st, step = self._state()
         edge = step == 0 or step >= self.num_steps - 1
         if edge or st.previous is None or st.residual is None or self.threshold <= 0:
             compute, st.accumulated = True, 0.0
@@ -130,28 +174,13 @@ class TeaCache:
             if compute:
                 st.accumulated = 0.0
         st.previous = modulated
-        self.log.append((step, self._pass, compute))
-        self.calls += 1
-        self.computed += compute
-        if self.sections:
-            self.sections[-1]["computed" if compute else "skipped"] += 1
-        return compute
+        return self._record(step, compute)
 
-    def __call__(self, stack: BlockStack) -> torch.Tensor:
-        if self.decide(block0_input(stack)):
-            out = stack.run()
-            self._passes[self._pass].residual = stack.residual(out)
-            return out
-        return stack.reuse(self._passes[self._pass].residual)
-
-    @property
-    def computed_fraction(self) -> float:
-        """Share of forward calls that ran the blocks, over every section since construction."""
-        return self.computed / max(1, self.calls)
+    def decide_call(self, stack: BlockStack) -> bool:
+        return self.decide(block0_input(stack))
 
     def report(self) -> dict:
-        return {"name": self.name, "threshold": self.threshold, "calls": self.calls, "computed": self.computed,
-                "computed_fraction": round(self.computed_fraction, 3), "sections": list(self.sections)}  # fmt: skip
+        return {"name": self.name, "threshold": self.threshold, **self.counts()}
 
 
 def block0_input(stack: BlockStack) -> torch.Tensor:
@@ -198,7 +227,7 @@ class _MagState:
 
 
 @dataclass
-class MagCache:
+class MagCache(ResidualCache):
     """MagCache (Ma et al. 2025) on the whole block stack, with per-guidance-pass state.
 
     Steps before floor(retention * steps), step 0 and the last step always compute. Otherwise the
@@ -214,33 +243,18 @@ class MagCache:
     retention: float = 0.2
     source: str = "official"  # where the table came from (reported in the sidecar)
     name = "magcache"
-    num_steps: int = 25
-    log: list[tuple[int, str, bool]] = field(default_factory=list)
-    sections: list[dict] = field(default_factory=list)
-    calls: int = 0
-    computed: int = 0
+    state_type: type = field(default=_MagState, repr=False, kw_only=True)
     _table: tuple[float, ...] = ()
-    _passes: dict[str, _MagState] = field(default_factory=dict)
-    _step: int | None = None
-    _pass: str = "cond"
 
     def reset(self, num_steps: int) -> None:
-        self.num_steps = num_steps
+        super().reset(num_steps)
         self._table = resample_ratios(self.ratios, num_steps)
-        self._passes.clear()
-        self.log.clear()
-        self.sections.append({"computed": 0, "skipped": 0})
-        self._step = None
-
-    def select(self, step: int, pass_name: str = "cond") -> None:
-        self._step, self._pass = step, pass_name
 
     def decide(self) -> bool:
-        st = self._passes.setdefault(self._pass, _MagState())
+        """True: run the blocks this call; False: reuse the pass's cached residual."""
+        st, step = self._state()
         if not self._table:
             self._table = resample_ratios(self.ratios, self.num_steps)
-        step = self._step if self._step is not None else st.calls % self.num_steps
-        st.calls += 1
         always = (step == 0 or step >= self.num_steps - 1 or step < int(self.retention * self.num_steps)
                   or st.residual is None or self.threshold <= 0)  # fmt: skip
         compute = True
@@ -252,28 +266,14 @@ class MagCache:
             compute = not (st.err <= self.threshold and st.skipped <= self.k and abs(1.0 - gamma) <= MAGCACHE_GUARD)
         if compute:
             st.ratio, st.err, st.skipped = 1.0, 0.0, 0
-        self.log.append((step, self._pass, compute))
-        self.calls += 1
-        self.computed += compute
-        if self.sections:
-            self.sections[-1]["computed" if compute else "skipped"] += 1
-        return compute
+        return self._record(step, compute)
 
-    def __call__(self, stack: BlockStack) -> torch.Tensor:
-        if self.decide():
-            out = stack.run()
-            self._passes[self._pass].residual = stack.residual(out)
-            return out
-        return stack.reuse(self._passes[self._pass].residual)
-
-    @property
-    def computed_fraction(self) -> float:
-        return self.computed / max(1, self.calls)
+    def decide_call(self, stack: BlockStack) -> bool:
+        return self.decide()
 
     def report(self) -> dict:
         return {"name": self.name, "threshold": self.threshold, "k": self.k, "retention": self.retention,
-                "table": self.source, "calls": self.calls, "computed": self.computed,
-                "computed_fraction": round(self.computed_fraction, 3), "sections": list(self.sections)}  # fmt: skip
+                "table": self.source, **self.counts()}  # fmt: skip
 
 
 def residual_ratio(current: torch.Tensor, previous: torch.Tensor) -> float:

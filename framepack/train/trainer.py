@@ -523,7 +523,7 @@ class SectionTrainer:
     def export_lora(self, path: str | os.PathLike, *, ema: bool = True) -> Path:
         """The trained adapters alone as a LoRA file (kohya/musubi layout, `framepack_lora` metadata):
         `framepack generate --lora FILE` on the base model gives what the merged export gives."""
-        from safetensors.torch import save_file
+        from framepack.weights import save_safetensors
 
         tensors = lora_file_tensors(self.model, self.ema if ema and self.ema is not None else None)
         cfg = self.cfg
@@ -532,12 +532,7 @@ class SectionTrainer:
         meta = {"framepack_lora": json.dumps(record), "ss_base_model_version": "framepack"}
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".partial")
-        try:
-            save_file(tensors, str(tmp), metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        save_safetensors(tensors, path, meta)
         return path
 
     # ---------------------------------------------------------------- the loop

@@ -55,6 +55,38 @@ def write_png(path: Path, size: int = 64) -> Path:
     return path
 
 
+def sse_events(client, url: str) -> list[dict]:
+    """{type, id, data} of every Server-Sent Event of a stream, in order; ends when the server closes it."""
+    import json
+
+    events, current = [], {}
+    with client.stream("GET", url, timeout=120) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                current["type"] = line[7:]
+            elif line.startswith("id: "):
+                current["id"] = int(line[4:])
+            elif line.startswith("data: "):
+                current["data"] = json.loads(line[6:])
+            elif line == "" and current:
+                events.append(current)
+                current = {}
+    return events
+
+
+def cancel_after_first_section(queue, job_id: str, timeout: float = 60) -> None:
+    """Follow a queued job's events and cancel it as soon as its first section is done."""
+    seq = 0
+    while True:
+        events = queue.wait_events(job_id, seq, timeout=timeout)
+        assert events, f"no progress within {timeout} s"
+        seq = events[-1]["seq"]
+        if any(e["type"] == "section" for e in events):
+            queue.cancel(job_id)
+            return
+
+
 def wait_until(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
     """Poll `check` until it returns something truthy; AssertionError naming `what` after `timeout` s."""
     deadline = time.monotonic() + timeout

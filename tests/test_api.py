@@ -10,7 +10,7 @@ import time
 
 import httpx
 import pytest
-from apphelpers import FAST, ThreadServer, home, png_bytes, tiny_loader, wait_until
+from apphelpers import FAST, ThreadServer, home, png_bytes, sse_events, tiny_loader, wait_until
 from fastapi.testclient import TestClient
 
 from framepack.app.api import create_app
@@ -46,20 +46,7 @@ def _submit(client, params=None, image=None, **form):
 
 def _sse(client, url):
     """(type, data) of every event of a stream, in order; ends when the server closes it."""
-    events, current = [], {}
-    with client.stream("GET", url, timeout=120) as r:
-        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-        for line in r.iter_lines():
-            if line.startswith("event: "):
-                current["type"] = line[7:]
-            elif line.startswith("id: "):
-                current["id"] = int(line[4:])
-            elif line.startswith("data: "):
-                current["data"] = json.loads(line[6:])
-            elif line == "" and current:
-                events.append(current)
-                current = {}
-    return events
+    return sse_events(client, url)
 
 
 def test_routes_end_to_end(client, queue):

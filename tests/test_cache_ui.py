@@ -11,7 +11,7 @@ import sqlite3
 
 import numpy as np
 import pytest
-from apphelpers import FAST, home, png_bytes, tiny_loader
+from apphelpers import FAST, cancel_after_first_section, home, png_bytes, tiny_loader
 from fastapi.testclient import TestClient
 
 from framepack.app import ui
@@ -195,14 +195,7 @@ def test_the_line_follows_a_resumed_job_to_its_new_end(tmp_path):
     run's sections), not the line it read at the cancel."""
     with JobQueue(tmp_path, loader=tiny_loader, models=["tiny"], start_worker=True) as q:
         job = q.submit(png_bytes(), {**FAST, "seconds": 3.6, "cache": "magcache"})
-        seq = 0
-        while True:  # cancel once the first section is done
-            events = q.wait_events(job.id, seq, timeout=60)
-            assert events, "no progress within 60 s"
-            seq = events[-1]["seq"]
-            if any(e["type"] == "section" for e in events):
-                q.cancel(job.id)
-                break
+        cancel_after_first_section(q, job.id)
         assert q.wait(job.id, 60).state == "cancelled"
         *_, first, _bar, _end, session = ui._follow(q, {"jobs": [job.id]})
         assert first.startswith("Cancelled.") and "Step cache MagCache" in first

@@ -9,7 +9,7 @@ import sqlite3
 import typing
 
 import pytest
-from apphelpers import FAST, home, png_bytes, tiny_loader
+from apphelpers import FAST, cancel_after_first_section, home, png_bytes, tiny_loader
 
 from framepack.config import GenerationRequest, RequestError
 from framepack.images import ImageError
@@ -112,14 +112,7 @@ def test_file_access_stays_inside_the_job_folders(tmp_path):
 def test_cancel_running_keeps_a_playable_partial_video_then_resume_finishes(tmp_path):
     with _queue(tmp_path) as q:
         job = q.submit(png_bytes(), {**FAST, "seconds": 2 * 1.2})
-        seq = 0
-        while True:  # cancel as soon as the first section is done
-            events = q.wait_events(job.id, seq, timeout=60)
-            assert events, "no progress within 60 s"
-            seq = events[-1]["seq"]
-            if any(e["type"] == "section" for e in events):
-                q.cancel(job.id)
-                break
+        cancel_after_first_section(q, job.id)
         cancelled = q.wait(job.id, 60)
         assert cancelled.state == "cancelled" and cancelled.resumable
         assert 0 < probe(q.job_file(job.id, "video"))["frames"] < 73  # the finished section, playable

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from apphelpers import FAST, home, png_bytes, tiny_loader
+from apphelpers import FAST, cancel_after_first_section, home, png_bytes, sse_events, tiny_loader
 from fastapi.testclient import TestClient
 from safetensors.torch import save_file
 
@@ -58,18 +58,6 @@ def _submit(client, params):
     return client.post("/api/jobs", files=files, data={"params": json.dumps(params)})
 
 
-def _events(client, url):
-    events, current = [], {}
-    with client.stream("GET", url, timeout=120) as r:
-        for line in r.iter_lines():
-            if line.startswith("event: "):
-                current["type"] = line[7:]
-            elif line.startswith("data: "):
-                current["data"] = json.loads(line[6:])
-            elif line == "" and current:
-                events.append(current)
-                current = {}
-    return events
 
 
 # ------------------------------------------------------------------------------------- API
@@ -83,7 +71,7 @@ def test_api_job_with_a_lora_reaches_the_engine_and_its_sidecar(tmp_path, loras)
             assert r.status_code == 201, r.text
             job = r.json()
             assert job["params"]["loras"] == [{"path": "my_style.safetensors", "weight": 0.8, "sha256": None}]
-            events = _events(client, job["links"]["events"])
+            events = sse_events(client, job["links"]["events"])
             assert events[-1]["data"]["state"] == "done", events[-1]
             applied = [e["data"] for e in events if e["type"] == "loras_applied"]
             assert len(applied) == 1 and applied[0]["lines"][0].startswith("LoRA my_style.safetensors x0.8: kohya")
@@ -279,14 +267,7 @@ def test_progress_text_shows_the_applied_loras(tmp_path, loras):
     with _queue(tmp_path, loras, worker=True) as q:
         params = {**FAST, "seconds": 2.4, "loras": [{"path": "my_style.safetensors", "weight": 0.8}]}
         job = q.submit(png_bytes(), params)
-        seq = 0
-        while True:  # cancel once the first section is done
-            events = q.wait_events(job.id, seq, timeout=60)
-            assert events, "no progress within 60 s"
-            seq = events[-1]["seq"]
-            if any(e["type"] == "section" for e in events):
-                q.cancel(job.id)
-                break
+        cancel_after_first_section(q, job.id)
         assert q.wait(job.id, 60).state == "cancelled"
         q.resume(job.id)
         done = q.wait(job.id, 120)

@@ -18,14 +18,14 @@ import os
 from datetime import datetime
 from pathlib import Path
 
+from framepack.config import framepack_home
 from framepack.models.caches import MAGCACHE_RATIOS
 
 SHIPPED = Path(__file__).parent / "toy" / "magcache"
 
 
 def user_dir() -> Path:
-    base = os.environ.get("FRAMEPACK_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "framepack")
-    return Path(base) / "magcache"
+    return framepack_home() / "magcache"
 
 
 def table_name(model: str, height: int, width: int, steps: int) -> str:

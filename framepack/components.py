@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from framepack.config import RuntimeOptions
+from framepack.config import RuntimeOptions, framepack_home
 from framepack.encoders import (
     ImageEncoder,
     PromptCache,
@@ -239,8 +239,7 @@ def load_vae(paths: dict[str, Path], *, dtype: torch.dtype, device: torch.device
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("FRAMEPACK_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "framepack")
-    return Path(base) / "prompt-cache"
+    return framepack_home() / "prompt-cache"
 
 
 def load_components(

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from framepack.sampling import SAMPLERS
@@ -359,6 +361,12 @@ _OPTIONAL = {n for n, f in _FIELDS.items() if f.default is None}  # None means "
 _INTEGER = {n for n, f in _FIELDS.items() if f.type in ("int", "int | None")}
 if set(REQUEST_FIELDS) != set(_FIELDS):  # a new request field needs its entry (help, range) first
     raise ImportError(f"REQUEST_FIELDS and GenerationRequest disagree on {sorted(set(REQUEST_FIELDS) ^ set(_FIELDS))}")
+
+
+def framepack_home() -> Path:
+    """The per-user folder (FRAMEPACK_HOME, default ~/.cache/framepack): the tiny family, the prompt
+    cache, the LoRA folder, MagCache tables."""
+    return Path(os.environ.get("FRAMEPACK_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "framepack"))
 
 
 MEMORY_MODES = ("auto", "managed", "off")

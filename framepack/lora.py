@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from framepack.config import LoraRef
+from framepack.config import LoraRef, framepack_home
 from framepack.models.lora import LoraError, ParsedLora, TargetTable, merged_bias, merged_weight, parse_lora
 from framepack.models.quant import FP8Linear
 
@@ -38,8 +38,7 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 
 
 def default_lora_dir() -> Path:
-    base = os.environ.get("FRAMEPACK_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "framepack")
-    return Path(base) / "loras"
+    return framepack_home() / "loras"
 
 
 def parse_lora_arg(text: str) -> LoraRef:
@@ -73,21 +72,27 @@ def sha256_file(path: str | os.PathLike) -> str:
     return _HASHES[key]
 
 
+def _header(path: Path):
+    """The safetensors header of a LoRA file (weights.SafetensorsHeader); LoraError for a pickle or
+    anything that is not a readable safetensors file."""
+    from framepack.weights import CheckpointError, read_header
+
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise LoraError(f"LoRA {path.name} is a {path.suffix} pickle; only .safetensors files are loaded (a pickle "
+                        "can run code when opened): convert it to .safetensors first")  # fmt: skip
+    try:
+        return read_header(path)
+    except CheckpointError as err:
+        raise LoraError(f"LoRA {path.name} is not a usable safetensors file: {err}") from None
+
+
 def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """A LoRA file's tensors and metadata; LoraError for anything that is not a readable safetensors file."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from framepack.weights import CheckpointError, read_header
-
     path = Path(path)
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise LoraError(f"LoRA {path.name} is a {path.suffix} pickle; only .safetensors files are loaded (a pickle "
-                        "can run code when opened): convert it to .safetensors first")  # fmt: skip
-    try:
-        header = read_header(path)
-    except CheckpointError as err:
-        raise LoraError(f"LoRA {path.name} is not a usable safetensors file: {err}") from None
+    header = _header(path)
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
@@ -179,16 +184,8 @@ class LoraLibrary:
 
     def check(self, refs: tuple[LoraRef, ...]) -> None:
         """Cheap checks before any model loads: every file exists and is a readable safetensors file."""
-        from framepack.weights import CheckpointError, read_header
-
         for ref in refs:
-            path = self.resolve(ref)
-            if path.suffix.lower() in PICKLE_SUFFIXES:
-                read_lora_file(path)  # raises the pickle message
-            try:
-                read_header(path)
-            except CheckpointError as err:
-                raise LoraError(f"LoRA {path.name} is not a usable safetensors file: {err}") from None
+            _header(self.resolve(ref))
 
     def load(self, refs: tuple[LoraRef, ...], table: TargetTable, include: str | None = None,
              exclude: str | None = None) -> list[LoadedLora]:  # fmt: skip
@@ -287,12 +284,10 @@ class LoraMerger:
             module.set_weight_(weight if weight is not None else original)  # quantised after the fp32 merge
         else:
             module.weight.copy_(weight if weight is not None else original)  # in place: streamed views stay valid
+        bias = self.originals.get(target + ".bias") if module.bias is not None else None
+        merged = merged_bias(bias, parts, target)
         if module.bias is not None:
-            bias = self.originals.get(target + ".bias")
-            merged = merged_bias(bias, parts)
             module.bias.copy_(merged if merged is not None else bias)
-        elif any(p.bias_delta(torch.device("cpu")) is not None for p, _ in parts):
-            raise LoraError(f"a LoRA has a bias delta (diff_b) for {target}, which has no bias")
         release = getattr(self.originals, "release", None)
         if release is not None:  # the checkpoint's mapped pages of this module: read, so out of RSS again
             release(target + ".weight")

@@ -218,8 +218,9 @@ class JobRun:
         switched = self.c.apply_loras(self.loras)  # before the memory plan moves any weight
         if switched is not None:
             self.timings["lora_switch_s"] = switched["seconds"]
+        self.lora_reports = [lo.describe() for lo in self.loras]  # the event's and the sidecar's
         if self.loras:
-            emit(LorasApplied([lo.summary() for lo in self.loras], [lo.describe() for lo in self.loras],
+            emit(LorasApplied([lo.summary() for lo in self.loras], self.lora_reports,
                               switched["seconds"] if switched else 0.0))  # fmt: skip
         reset_peaks(self.device)
         self.rng = torch.Generator("cpu").manual_seed(request.seed)
@@ -446,7 +447,7 @@ class JobRun:
         write_metadata(result, RunInfo(
             request, self.pipe.spec, self.device, self.c.transformer.dtype,
             self.writer.effective_crf if self.writer else None, self.cache.report() if self.cache else None,
-            self.memory.describe(), error, [lo.describe() for lo in self.loras],
+            self.memory.describe(), error, self.lora_reports,
         ))  # fmt: skip
         if self.status == "finished":
             self.emit(Finished(result))

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from framepack.config import TINY
+from framepack.config import TINY, framepack_home
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -52,8 +52,7 @@ his her their its it this that there here very beautiful happy sad wall floor gr
 
 
 def tiny_root() -> Path:
-    base = os.environ.get("FRAMEPACK_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "framepack")
-    return Path(base) / VERSION
+    return framepack_home() / VERSION
 
 
 def ensure_tiny(root: Path | None = None) -> Path:

@@ -446,9 +446,6 @@ class CheckpointTensors:
         self._stamps = {h.path: _stamp(h.path) for h in ckpt.files}
         self._maps: dict[Path, _MappedFile] = {}
 
-    def __contains__(self, name: str) -> bool:
-        return name in self.infos
-
     def get(self, name: str) -> torch.Tensor:
         header, info = self.infos[name]
         if _stamp(header.path) != self._stamps[header.path]:

@@ -51,9 +51,7 @@ def _add_generate(sub) -> None:
     lo.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]", help=REQUEST_FIELDS["loras"].help)
     lo.add_argument("--lora-dir", help="folder of LoRA files: bare names and recorded hashes are looked up here "
                     "(default <FRAMEPACK_HOME>/loras)")  # fmt: skip
-    p.add_argument("--device", help="cuda, cpu or mps (default: cuda when available)")
-    p.add_argument("--models-dir", help="local copies of the weight repos, laid out as DIR/<org>/<name>")
-    p.add_argument("--offline", action="store_true", help="never download; use cached or local weights only")
+    _add_device_args(p)
     p.add_argument(
         "--preserved-memory",
         type=float,
@@ -66,6 +64,13 @@ def _add_generate(sub) -> None:
                    help="device memory management (auto: on accelerators)")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_generate)
+
+
+def _add_device_args(p: argparse.ArgumentParser) -> None:
+    """Where models run and where their weights come from (generate, serve/ui, calibrate-cache)."""
+    p.add_argument("--device", help="cuda, cpu or mps (default: cuda when available)")
+    p.add_argument("--models-dir", help="local copies of the weight repos, laid out as DIR/<org>/<name>")
+    p.add_argument("--offline", action="store_true", help="never download; use cached or local weights only")
 
 
 def _add_request_flag(p, name: str, info, default, kind) -> None:
@@ -306,9 +311,7 @@ def _add_calibrate(sub) -> None:
     p.add_argument("--prompt", default="the object moves to the right")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", help="where the table goes (default <FRAMEPACK_HOME>/magcache)")
-    p.add_argument("--device", help="cuda, cpu or mps (default: cuda when available)")
-    p.add_argument("--models-dir", help="local copies of the weight repos, laid out as DIR/<org>/<name>")
-    p.add_argument("--offline", action="store_true", help="never download; use cached or local weights only")
+    _add_device_args(p)
     p.set_defaults(func=_calibrate)
 
 
@@ -384,9 +387,7 @@ def _add_app_args(p: argparse.ArgumentParser, *, port: int) -> None:
                    help="require this token (Bearer header / ?token=; UI password); env FRAMEPACK_TOKEN")  # fmt: skip
     p.add_argument("--no-auth", action="store_true", help="allow a non-loopback bind without a token (unsafe)")
     p.add_argument("--max-upload-mb", type=float, default=32, help="largest accepted image upload (default 32)")
-    p.add_argument("--device", help="cuda, cpu or mps (default: cuda when available)")
-    p.add_argument("--models-dir", help="local copies of the weight repos, laid out as DIR/<org>/<name>")
-    p.add_argument("--offline", action="store_true", help="never download; use cached or local weights only")
+    _add_device_args(p)
     p.add_argument("--preserved-memory", type=float, metavar="GB", help="device memory to leave free (default auto)")
     p.add_argument("--fp8", action="store_true", help="store transformer block weights in fp8 (half the memory; lossy)")
     p.add_argument("--memory", choices=["auto", "managed", "off"], default="auto", help="device memory management")

@@ -327,11 +327,14 @@ class MagCalibrator:
 
 
 # name -> the cache a request asks for, given the MagCache table for the job (framepack.magtables)
+def _threshold(request, default: float) -> float:
+    """The request's cache_threshold, or the cache's default when it leaves it at None."""
+    return request.cache_threshold if request.cache_threshold is not None else default
+
+
 STEP_CACHES: dict[str, Callable[..., StepCache]] = {
-    "teacache": lambda request, table: TeaCache(request.cache_threshold if request.cache_threshold is not None
-                                                else request.teacache_threshold),
-    "magcache": lambda request, table: MagCache(table[0], request.cache_threshold if request.cache_threshold
-                                                is not None else MAGCACHE_THRESHOLD, request.magcache_k,
+    "teacache": lambda request, table: TeaCache(_threshold(request, request.teacache_threshold)),
+    "magcache": lambda request, table: MagCache(table[0], _threshold(request, MAGCACHE_THRESHOLD), request.magcache_k,
                                                 request.magcache_retention, table[1]),
 }  # fmt: skip
 

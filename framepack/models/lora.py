@@ -588,11 +588,13 @@ def parse_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str], table
     modules: dict[str, list[Part]] = {}
     formats, shared_formats, ranks, alphas, scales = set(), set(), set(), set(), set()
     filtered: set[str] = set()
+    matched_modules = 0  # file modules that name a module here
     for module, parts in groups.items():
         found = table.lookup(module)
         if found is None:
             unmatched.setdefault(_pattern(module), []).extend(k for k, _ in parts.values())
             continue
+        matched_modules += 1
         style, spelling, routes = found
         for key, t in parts.values():
             _finite(key, t, name)
@@ -624,7 +626,6 @@ def parse_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str], table
                 filtered.add(route.target)
                 continue
             modules.setdefault(route.target, []).append(Part(module, tuple(factors), route.rows))
-    matched_modules = len(groups) - sum(1 for m in groups if table.lookup(m) is None)
     if not matched_modules:
         shown = sorted(groups)[:1] or sorted(tensors)[:1]
         why = _foreign(metadata, list(groups) or list(tensors))
@@ -699,7 +700,9 @@ def merged_weight(base: torch.Tensor, parts: list[tuple[Part, float]],
     return None if total is None else total.add_(base.to(total.device))
 
 
-def merged_bias(base: torch.Tensor | None, parts: list[tuple[Part, float]]) -> torch.Tensor | None:
+def merged_bias(base: torch.Tensor | None, parts: list[tuple[Part, float]], name: str) -> torch.Tensor | None:
+    """base + sum(weight * bias delta) in fp32, or None when no part has a bias delta. LoraError for a
+    bias delta on Linear `name` that has no bias (base None)."""
     total = None
     for part, weight in parts:
         d = part.bias_delta(base.device if base is not None else torch.device("cpu"))
@@ -708,5 +711,5 @@ def merged_bias(base: torch.Tensor | None, parts: list[tuple[Part, float]]) -> t
     if total is None:
         return None
     if base is None:
-        raise LoraError("a diff_b delta for a Linear without a bias")
+        raise LoraError(f"a LoRA has a bias delta (diff_b) for {name}, which has no bias")
     return base.float() + total

@@ -273,6 +273,13 @@ class GenerationRequest:
     lora_include: str | None = None  # regex on module names: only these get the LoRAs' deltas
     lora_exclude: str | None = None  # regex on module names: these keep their weights
 
+    kind = "video"  # the job kind (`request_from_json`); not a field
+
+    def input_files(self) -> list[tuple[str, str | None]]:
+        """(the flag a user knows it by, path) of every input file the request reads."""
+        named = [("--image", self.image), ("--end-image", self.end_image), ("--video", self.video)]
+        return named + [(f"--keyframe {i + 1}", path) for i, (_, path) in enumerate(self.keyframes)]
+
     def validate(self) -> GenerationRequest:
         """Every problem at once, in one RequestError. Types are checked strictly (a JSON `"steps": "25"`
         or `"teacache": "yes"` is an error, not coerced), with the same wording for every front end."""
@@ -361,6 +368,202 @@ _OPTIONAL = {n for n, f in _FIELDS.items() if f.default is None}  # None means "
 _INTEGER = {n for n, f in _FIELDS.items() if f.type in ("int", "int | None")}
 if set(REQUEST_FIELDS) != set(_FIELDS):  # a new request field needs its entry (help, range) first
     raise ImportError(f"REQUEST_FIELDS and GenerationRequest disagree on {sorted(set(REQUEST_FIELDS) ^ set(_FIELDS))}")
+
+
+# ------------------------------------------------------------------------------------ frame edits
+FRAME_EDIT = "frame edit"
+
+
+@dataclass(frozen=True)
+class EditPreset:
+    """A recipe people use for one-frame edits (`FrameLayout` defaults a request can override)."""
+
+    help: str
+    target: int | None  # None: the latent window W (the official "last frame of the section")
+    controls: tuple[int, ...]  # indices of the start image and the reference images, in order
+    no_2x: bool = False
+    no_4x: bool = False
+    no_post: bool = False
+
+
+EDIT_PRESETS: dict[str, EditPreset] = {
+    "edit": EditPreset("the start image some time later, following the prompt (a larger --target-index means "
+                       "more change)", None, (0,)),
+    "kisekaeichi": EditPreset("outfit / reference transfer: the start image (masked to face and body) wearing what "
+                              "the reference shows (masked to the clothes)", 1, (0, 10), True, True, True),
+    "multi-control": EditPreset("several control images side by side in time", None, (0, 1), True, True),
+}
+
+
+@dataclass(frozen=True)
+class EditControl:
+    """A reference image of a frame edit: its file, its RoPE index (None: the preset's) and an optional
+    mask (grayscale, 255 = keep, 0 = ignore; without one, the image's alpha channel if it has one)."""
+
+    image: str
+    index: int | None = None
+    mask: str | None = None
+
+    @classmethod
+    def from_json(cls, value: Any) -> EditControl:
+        if isinstance(value, EditControl):
+            return value
+        if isinstance(value, str):
+            return cls(value)
+        if isinstance(value, dict) and "image" in value and set(value) <= {"image", "index", "mask"}:
+            return cls(**value)
+        raise RequestError(f"a control is {{'image': FILE, 'index': N, 'mask': FILE}} (index and mask optional), "
+                           f"got {value!r}")  # fmt: skip
+
+    def problem(self, n: int) -> str | None:
+        if not isinstance(self.image, str) or not self.image:
+            return f"control {n}: an image file is needed, got {self.image!r}"
+        if self.index is not None and (isinstance(self.index, bool) or not isinstance(self.index, int)):
+            return f"control {n}: index must be a whole number, got {self.index!r}"
+        if self.mask is not None and (not isinstance(self.mask, str) or not self.mask):
+            return f"control {n}: mask must be an image file, got {self.mask!r}"
+        return None
+
+
+EDIT_FIELDS: dict[str, FieldInfo] = {
+    "preset": FieldInfo("recipe: " + "; ".join(f"{k}: {v.help}" for k, v in EDIT_PRESETS.items()),
+                        choices=tuple(EDIT_PRESETS), group=FRAME_EDIT),
+    "target_index": FieldInfo("RoPE index of the edited frame (default: the preset's, edit 9 = the window; larger "
+                              "= more change, holds up to about 40)", (0, 100), slider=(0, 40, 1), group=FRAME_EDIT),
+    "image_index": FieldInfo("RoPE index of the start image (default: the preset's, 0)", (0, 100), group=FRAME_EDIT),
+    "image_mask": FieldInfo("mask for the start image (grayscale; white = keep)", group=FRAME_EDIT),
+    "controls": FieldInfo("reference image IMG[@INDEX][:MASK] (repeatable)", flag="--control", group=FRAME_EDIT,
+                          cli=False),
+    "no_2x": FieldInfo("pass no 2x context (default: the preset's)", group=FRAME_EDIT),
+    "no_4x": FieldInfo("pass no 4x context (default: the preset's)", group=FRAME_EDIT),
+    "no_post": FieldInfo("no zero 'post' latent after the controls (default: the preset's)", group=FRAME_EDIT),
+    "save_controls": FieldInfo("also write each control image as the model sees it (masked, VAE round trip)",
+                               group=FRAME_EDIT),
+}
+# Video settings a frame edit has no use for: refused when given, left out of its JSON.
+VIDEO_ONLY = ("seconds", "crf", "prompt_blend", "end_image", "end_strength", "end_embedding_weight", "keyframes",
+              "video", "video_context_frames", "t2v_start")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class EditRequest(GenerationRequest):
+    """A one-frame edit (framepack.oneframe): the start image "some time later" following the prompt,
+    optionally with reference images. The sampling, cache and LoRA fields are GenerationRequest's; the
+    video-only ones (`VIDEO_ONLY`) do not apply. What each new field means: `EDIT_FIELDS`."""
+
+    preset: str = "edit"
+    target_index: int | None = None
+    image_index: int | None = None
+    image_mask: str | None = None
+    controls: tuple[EditControl, ...] = ()
+    no_2x: bool | None = None
+    no_4x: bool | None = None
+    no_post: bool | None = None
+    save_controls: bool = False
+
+    kind = "edit"
+
+    def input_files(self) -> list[tuple[str, str | None]]:
+        named = [("--image", self.image), ("--image-mask", self.image_mask)]
+        for n, c in enumerate(self.controls, 2):
+            named += [(f"control {n}", getattr(c, "image", None)), (f"control {n}'s mask", getattr(c, "mask", None))]
+        return named
+
+    def layout(self):
+        """The `sections.FrameLayout` of this request: its own settings over the preset's."""
+        from framepack.sections import FrameLayout
+
+        preset = EDIT_PRESETS.get(self.preset, EDIT_PRESETS["edit"])
+        indices, given = [], [self.image_index, *(c.index for c in self.controls)]
+        for i, index in enumerate(given):
+            if index is None:
+                index = preset.controls[i] if i < len(preset.controls) else indices[-1] + 1
+            indices.append(index)
+
+        def pick(value: bool | None, default: bool) -> bool:
+            return default if value is None else value
+
+        target = self.target_index if self.target_index is not None else preset.target
+        return FrameLayout(self.window if target is None else target, tuple(indices),
+                           post=not pick(self.no_post, preset.no_post), x2=not pick(self.no_2x, preset.no_2x),
+                           x4=not pick(self.no_4x, preset.no_4x))  # fmt: skip
+
+    def validate(self) -> EditRequest:
+        p = []
+        try:
+            super().validate()
+        except RequestError as err:
+            p.extend(str(err).removeprefix("invalid request: ").split("; "))
+        defaults = GenerationRequest()
+        changed = [name for name in VIDEO_ONLY if getattr(self, name) != getattr(defaults, name)]
+        if changed:
+            p.append(f"{', '.join(changed)} {'does' if len(changed) == 1 else 'do'} not apply to a frame edit "
+                     "(it makes one image)")  # fmt: skip
+        if self.image is None:
+            p.append("a frame edit needs a start image")
+        if self.preset not in EDIT_PRESETS:
+            p.append(f"preset must be one of {', '.join(EDIT_PRESETS)}, got {self.preset!r}")
+        for name in ("no_2x", "no_4x", "no_post"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
+                p.append(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.save_controls, bool):
+            p.append(f"save_controls must be true or false, got {self.save_controls!r}")
+        if self.image_mask is not None and (not isinstance(self.image_mask, str) or not self.image_mask):
+            p.append(f"image_mask must be an image file, got {self.image_mask!r}")
+        controls_ok = isinstance(self.controls, (tuple, list)) and all(
+            isinstance(c, EditControl) for c in self.controls)  # fmt: skip
+        if not controls_ok:
+            p.append(f"controls must be a list of {{image, index, mask}} entries, got {self.controls!r}")
+        else:
+            p.extend(problem for n, c in enumerate(self.controls, 2) if (problem := c.problem(n)))
+        for name, info in EDIT_FIELDS.items():
+            v = getattr(self, name)
+            if info.range is not None and v is not None:
+                lo, hi = info.range
+                if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                    p.append(f"{name} must be a whole number in {lo:g}..{hi:g}, got {v!r}")
+        if not p:
+            p.extend(self.layout().problems(self.window)[0])
+        if p:
+            raise RequestError("invalid frame edit: " + "; ".join(p))
+        return self
+
+    @classmethod
+    def from_json_dict(cls, d: dict[str, Any]) -> EditRequest:
+        d = dict(d)
+        kind = d.pop("kind", cls.kind)
+        if kind != cls.kind:
+            raise RequestError(f"not a frame edit (kind {kind!r})")
+        video = sorted(set(d) & set(VIDEO_ONLY))
+        if video:
+            raise RequestError(f"{video} do not apply to a frame edit (it makes one image); leave them out")
+        known = {f.name for f in dataclasses.fields(cls)} - set(VIDEO_ONLY)
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise RequestError(f"unknown frame edit fields {unknown}; accepted: {sorted(known)}")
+        if isinstance(d.get("controls"), (list, tuple)):
+            d["controls"] = tuple(EditControl.from_json(c) for c in d["controls"])
+        if isinstance(d.get("loras"), (list, tuple)):
+            d["loras"] = tuple(LoraRef.from_json(r) for r in d["loras"])
+        return cls(**d)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in super().to_json_dict().items() if k not in VIDEO_ONLY}
+        d["controls"] = [dataclasses.asdict(c) if isinstance(c, EditControl) else c for c in self.controls]
+        return {"kind": self.kind, **d}
+
+
+def request_from_json(d: dict[str, Any]) -> GenerationRequest:
+    """A stored or submitted request of any kind: {"kind": "edit", ...} is an EditRequest; no kind (or
+    "video") a GenerationRequest."""
+    if not isinstance(d, dict):
+        raise RequestError(f"a request is a JSON object, got {type(d).__name__}")
+    kind = d.get("kind", "video")
+    if kind == EditRequest.kind:
+        return EditRequest.from_json_dict(d)
+    if kind != "video":
+        raise RequestError(f"unknown job kind {kind!r}; accepted: video, {EditRequest.kind}")
+    return GenerationRequest.from_json_dict({k: v for k, v in d.items() if k != "kind"})
 
 
 def framepack_home() -> Path:

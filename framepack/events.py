@@ -43,6 +43,7 @@ class JobPlanned:
     frames: int  # pixel frames of the finished video (input video frames included)
     prompt_times: list[tuple[float, str]]  # (snapped start in seconds, prompt)
     anchors: list[tuple[str, float]]  # (what: "end" / "keyframe N", snapped time in seconds)
+    notes: tuple[str, ...] = ()  # what the checks adjusted or warn about (a mask resized, an index beyond ~40)
 
 
 @dataclass(frozen=True)

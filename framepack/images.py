@@ -222,6 +222,27 @@ def load_image(source: str | os.PathLike | bytes | np.ndarray | Image.Image) -> 
     )
 
 
+def load_mask(source: str | os.PathLike | bytes | np.ndarray | Image.Image) -> np.ndarray:
+    """A mask as (H, W) uint8, 255 = keep and 0 = ignore: a greyscale picture, or the luminance of a
+    colour one (its alpha, if any, is ignored: a transparent mask is read by its colour). Same sources,
+    checks and errors as `load_image`."""
+    if isinstance(source, (str, os.PathLike)):
+        name = os.fsdecode(os.fspath(source))
+        _check_regular_file(os.fspath(source), name)
+        source = _open_file(os.fspath(source), name, keep_alpha=True)
+    rgb = load_image(source[..., :3] if isinstance(source, np.ndarray) and source.ndim == 3 else source)
+    return np.round(rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)).astype(np.uint8)
+
+
+def image_alpha(source: str | os.PathLike) -> np.ndarray | None:
+    """The alpha channel (H, W) uint8 of an image file (EXIF orientation applied), or None when it has no
+    transparency."""
+    name = os.fsdecode(os.fspath(source))
+    _check_regular_file(os.fspath(source), name)
+    pixels = _open_file(os.fspath(source), name, keep_alpha=True)
+    return pixels[..., 3].copy() if pixels.ndim == 3 and pixels.shape[2] == 4 else None
+
+
 def prepare_image(
     source: str | os.PathLike | bytes | np.ndarray | Image.Image, base: int = 640
 ) -> tuple[np.ndarray, tuple[int, int]]:
@@ -251,7 +272,9 @@ def _allowed_formats() -> list[str]:
     return [f for f in _FORMATS if f in Image.OPEN]
 
 
-def _open_file(fp: str | bytes | io.BytesIO, name: str) -> np.ndarray:
+def _open_file(fp: str | bytes | io.BytesIO, name: str, *, keep_alpha: bool = False) -> np.ndarray:
+    """Decoded pixels (H, W, 3) uint8, or with `keep_alpha` the undecided array: (H, W, 4) uint8 when the
+    image has transparency (for masks and alpha channels)."""
     try:
         with warnings.catch_warnings():
             # PIL warns above its own limit (89 MP); ours is lower and checked from the header just after.
@@ -269,10 +292,10 @@ def _open_file(fp: str | bytes | io.BytesIO, name: str) -> np.ndarray:
     except _DECODE_ERRORS as err:
         raise ImageError(f"{name} is corrupt or truncated and cannot be read ({err})") from None
     with image:
-        return _from_pil(image, name)
+        return _from_pil(image, name, keep_alpha=keep_alpha)
 
 
-def _from_pil(image: Image.Image, name: str) -> np.ndarray:
+def _from_pil(image: Image.Image, name: str, *, keep_alpha: bool = False) -> np.ndarray:
     if image.tell() != 0:
         image.seek(0)  # animated: the first frame is the picture the user sees as the thumbnail
     _check_size(*image.size, name)  # header size; nothing decoded yet
@@ -284,7 +307,11 @@ def _from_pil(image: Image.Image, name: str) -> np.ndarray:
         raise _too_large(name, err) from None
     except _DECODE_ERRORS as err:
         raise ImageError(f"{name} is corrupt or truncated and cannot be decoded ({err})") from None
-    return _from_array(_pil_pixels(_upright(image), name), name)
+    pixels = _pil_pixels(_upright(image), name)
+    if keep_alpha and pixels.ndim == 3 and pixels.shape[2] == 4:
+        _check_size(pixels.shape[1], pixels.shape[0], name)
+        return _to_uint8(pixels, name)
+    return _from_array(pixels, name)
 
 
 def _upright(image: Image.Image) -> Image.Image:

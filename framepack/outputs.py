@@ -68,8 +68,7 @@ class OutputPaths:
 
 
 def _inputs_of(request: GenerationRequest) -> list[tuple[str, Path]]:
-    named = [("--image", request.image), ("--end-image", request.end_image), ("--video", request.video)]
-    named += [(f"--keyframe {i + 1}", path) for i, (_, path) in enumerate(request.keyframes)]
+    named = request.input_files()
     return [(what, Path(p).expanduser()) for what, p in named if isinstance(p, str) and p and p != "<array>"]
 
 
@@ -80,22 +79,29 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def check_output(request: GenerationRequest) -> OutputPaths:
-    """Where a request's video and sidecar go; RequestError (before any model runs) for an output that
-    cannot be written, that would replace an existing file without `overwrite`, or that is one of the
-    job's inputs (never allowed)."""
+# Suffixes of images we do not write: `--out x.jpg` for an edit is an error naming .png.
+OTHER_IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".avif", ".gif"})
+
+
+def check_output(request: GenerationRequest, suffix: str = ".mp4") -> OutputPaths:
+    """Where a request's result (a video, `suffix` .mp4, or an edited image, .png) and its sidecar go;
+    RequestError (before any model runs) for an output that cannot be written, that would replace an
+    existing file without `overwrite`, or that is one of the job's inputs (never allowed)."""
+    what, others = ("video", OTHER_VIDEO_SUFFIXES) if suffix == ".mp4" else ("image", OTHER_IMAGE_SUFFIXES)
     target = Path(request.output or "outputs").expanduser()
-    suffix = target.suffix.lower()
-    if suffix in OTHER_VIDEO_SUFFIXES:
-        raise RequestError(f"cannot write {target}: videos are written as MP4; give a path ending in .mp4 or a folder")
-    if suffix == ".mp4":
+    given = target.suffix.lower()
+    if given in others:
+        raise RequestError(f"cannot write {target}: {what}s are written as {suffix[1:].upper()}; give a path ending "
+                           f"in {suffix} or a folder")  # fmt: skip
+    if given == suffix:
         if target.is_dir():
-            raise RequestError(f"cannot write video to {target}: it is a folder; give a file path such as out.mp4")
-        folder, video = target.parent, target
+            raise RequestError(f"cannot write {what} to {target}: it is a folder; give a file path such as "
+                               f"out{suffix}")  # fmt: skip
+        folder, result = target.parent, target
     else:
         if target.exists() and not target.is_dir():
-            raise RequestError(f"--out {target} exists and is not a folder; give a folder or a path ending in .mp4")
-        folder, video = target, None
+            raise RequestError(f"--out {target} exists and is not a folder; give a folder or a path ending in {suffix}")
+        folder, result = target, None
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".framepack-write-test-{os.getpid()}"
@@ -103,25 +109,25 @@ def check_output(request: GenerationRequest) -> OutputPaths:
         probe.unlink()
     except OSError as err:
         raise RequestError(f"cannot write to output folder {folder}: {err.strerror or err}") from None
-    if video is None:  # a folder: a fresh job name
-        video = folder / f"{job_id()}.mp4"
-        while video.exists() or video.with_suffix(".json").exists():
-            video = folder / f"{job_id()}.mp4"
-    meta = video.with_suffix(".json")
-    for what, path in _inputs_of(request):
-        for out in (video, meta):
+    if result is None:  # a folder: a fresh job name
+        result = folder / f"{job_id()}{suffix}"
+        while result.exists() or result.with_suffix(".json").exists():
+            result = folder / f"{job_id()}{suffix}"
+    meta = result.with_suffix(".json")
+    for flag, path in _inputs_of(request):
+        for out in (result, meta):
             if _same_file(out, path) or out.resolve() == path.resolve():
-                raise RequestError(f"the output {out} is this job's input ({what} {path}); choose another --out "
+                raise RequestError(f"the output {out} is this job's input ({flag} {path}); choose another --out "
                                    "(an input is never written over)")  # fmt: skip
-    existing = [p for p in (video, meta) if p.exists()]
+    existing = [p for p in (result, meta) if p.exists()]
     if not existing:
-        return OutputPaths(video, meta)
+        return OutputPaths(result, meta)
     if not request.overwrite:
         names = " and ".join(str(p) for p in existing)
         raise RequestError(f"{names} already exist{'s' if len(existing) == 1 else ''}; pass --overwrite to replace "
-                           "it once the new video is complete, or choose another --out")  # fmt: skip
-    partial = video.with_name(f"{video.stem}.partial.mp4")
-    return OutputPaths(partial, partial.with_suffix(".json"), replaces=video)
+                           f"it once the new {what} is complete, or choose another --out")  # fmt: skip
+    partial = result.with_name(f"{result.stem}.partial{suffix}")
+    return OutputPaths(partial, partial.with_suffix(".json"), replaces=result)
 
 
 # ------------------------------------------------------------------------------------------ disk space
@@ -182,17 +188,17 @@ class RunInfo:
     loras: list[dict] | None = None  # framepack.lora.LoadedLora.describe() of each merged LoRA
 
 
-def write_metadata(result: GenerationResult, run: RunInfo) -> None:
-    """The JSON sidecar next to the video, replaced atomically."""
+def run_metadata(status: str, run: RunInfo) -> dict:
+    """What every sidecar holds: version, outcome, the request, the model, how it ran."""
     import diffusers
     import transformers
 
     import framepack
 
     spec, cache = run.spec, run.step_cache
-    meta = {
+    return {
         "framepack_version": framepack.__version__,
-        "status": result.status,
+        "status": status,
         "error": run.error,
         "created": datetime.now().isoformat(timespec="seconds"),
         "request": run.request.to_json_dict(),
@@ -201,6 +207,36 @@ def write_metadata(result: GenerationResult, run: RunInfo) -> None:
             "schedule": spec.schedule,
             "sources": {k: s.describe() for k, s in spec.sources.items()},
         },
+        "step_cache": cache,
+        "loras": run.loras or [],
+        "memory_plan": run.memory_plan,
+        "device": str(run.device),
+        "dtype": str(run.dtype).replace("torch.", ""),
+        "versions": {
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
+    }
+
+
+def write_json(path: Path, data: dict) -> None:
+    """`data` as indented JSON at `path`, replaced atomically (never a half-written sidecar)."""
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_metadata(result: GenerationResult, run: RunInfo) -> None:
+    """The JSON sidecar next to the video, replaced atomically."""
+    cache = run.step_cache
+    meta = run_metadata(result.status, run)
+    meta.update({
         "video": result.video.name if result.video else None,
         "frames": result.frames,
         "fps": FPS,
@@ -211,25 +247,8 @@ def write_metadata(result: GenerationResult, run: RunInfo) -> None:
         "sections_done": result.sections_done,
         "effective_crf": run.effective_crf,
         "teacache_computed_fraction": cache["computed_fraction"] if cache else None,  # the key of earlier versions
-        "step_cache": cache,
-        "loras": run.loras or [],
         "peak_vram_bytes": result.peak_vram_bytes,
         "peak_rss_bytes": result.peak_rss_bytes,
-        "memory_plan": run.memory_plan,
-        "device": str(run.device),
-        "dtype": str(run.dtype).replace("torch.", ""),
-        "versions": {
-            "torch": torch.__version__,
-            "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__,
-            "python": platform.python_version(),
-        },
         "timings": result.timings,
-    }
-    tmp = result.metadata.with_name(result.metadata.name + ".partial")
-    try:
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
-        os.replace(tmp, result.metadata)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # never a half-written sidecar
-        raise
+    })  # fmt: skip
+    write_json(result.metadata, meta)

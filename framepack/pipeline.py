@@ -4,7 +4,7 @@
     run = JobRun(pipeline, plan)      output paths or saved state, the job's memory plan, its step cache
     run.condition()                   prompts (LLaMA + CLIP, cached by text) and images (VAE, SigLIP)
                                       -> the transformer's inputs and the start latent
-    run.open_video()                  a new MP4 writer, or the one a saved state continues
+    run.open_output()                 a new MP4 writer, or the one a saved state continues
     for section in run.pending():     the schedule's order: back to front (original) or forward (F1)
         run.section(section)          context -> sampler (+ step cache) -> history -> VAE decode -> MP4
     run.close()                       the final MP4 and sidecar; Finished / Cancelled / Failed
@@ -86,6 +86,7 @@ class JobPlan:
     prompts: list[SectionPrompt]  # per video-order section
     prompt_times: list[tuple[float, str]]
     anchors: list[Anchor]
+    notes: tuple[str, ...] = ()  # adjustments and warnings the checks report (JobPlanned.notes)
 
     @property
     def frames(self) -> int:
@@ -146,11 +147,33 @@ class Pipeline:
         if image is not None and request.image is None:
             request = dataclasses.replace(request, image="<array>")
         plan = check_request(request, self.spec, image)
-        run = JobRun(self, plan, on_event or _ignore, cancel or CancelToken(), state_dir, step_cache)
+        return self._execute(JobRun(self, plan, on_event or _ignore, cancel or CancelToken(), state_dir, step_cache))
+
+    @torch.no_grad()
+    def edit(self, request, on_event: EventCallback | None = None, cancel: CancelToken | None = None, *,
+             image: np.ndarray | None = None, step_cache: StepCache | None = None):  # fmt: skip
+        """A one-frame edit (`config.EditRequest`, framepack.oneframe): one PNG and its sidecar. Errors
+        are raised as they are (nothing is written before the image exists); a cancel gives a
+        `Cancelled` result with no image."""
+        from framepack.oneframe import EditRun, check_edit
+
+        if image is not None and request.image is None:
+            request = dataclasses.replace(request, image="<array>")
+        plan = check_edit(request, self.spec, image)
+        return self._execute(EditRun(self, plan, on_event or _ignore, cancel or CancelToken(), None, step_cache))
+
+    def run(self, request, on_event: EventCallback | None = None, cancel: CancelToken | None = None, *,
+            state_dir: str | os.PathLike | None = None):  # fmt: skip
+        """Any job kind (`request.kind`): a video (`generate`, resumable from `state_dir`) or a frame edit."""
+        if request.kind == "edit":
+            return self.edit(request, on_event, cancel)
+        return self.generate(request, on_event, cancel, state_dir=state_dir)
+
+    def _execute(self, run: JobRun):
         interrupted = False
         try:
             run.condition()
-            run.open_video()
+            run.open_output()
             for section in run.pending():
                 run.section(section)
         except (GenerationCancelled, KeyboardInterrupt) as err:
@@ -209,10 +232,10 @@ class JobRun:
             raise RequestError(f"{state_dir} holds a different job's state (another request or model); cannot resume")
         saved = self.saved
         self.loras = self.c.prepare_loras(request)  # found, read and checked: before any output exists
-        self.out = OutputPaths(saved.video, saved.video.with_suffix(".json")) if saved else check_output(request)
+        self.out = OutputPaths(saved.video, saved.video.with_suffix(".json")) if saved else self._output_paths()
         self.video_path = self.out.video
         emit(JobPlanned(len(plan.sections), plan.frames, plan.prompt_times,
-                        [(a.source, a.seconds) for a in plan.anchors]))  # fmt: skip
+                        [(a.source, a.seconds) for a in plan.anchors], plan.notes))  # fmt: skip
         self.timings: dict = {"sections": []}
         self.t0 = time.perf_counter()
         switched = self.c.apply_loras(self.loras)  # before the memory plan moves any weight
@@ -239,6 +262,9 @@ class JobRun:
         self.done = 0
         self.started = False  # the video is open: from here on a job ends with a result and a sidecar
         self.status, self.error = "finished", None  # error: the exception that stopped a failed job
+
+    def _output_paths(self) -> OutputPaths:
+        return check_output(self.request)
 
     # ---------------------------------------------------------------------------- conditioning
     def condition(self) -> None:
@@ -308,7 +334,7 @@ class JobRun:
         forward = ForwardSchedule(self.request.window)
         section = forward.sections(1)[0]
         velocity = self._velocity(cond, uncond, forward.context(forward.start(zeros), section))
-        noise = self._noise(zeros.shape, torch.Generator("cpu").manual_seed(self.request.seed + 1))
+        noise = self._noise(zeros.shape, torch.Generator("cpu").manual_seed(self.request.seed + 1), forward.window)
         with self.memory.use("transformer"):
             latents = self._sample(velocity, noise, _Where(0, 1, 0), None)
         start = latents[:, :, :1].float().cpu()
@@ -319,7 +345,7 @@ class JobRun:
         return start, siglip
 
     # ---------------------------------------------------------------------------- sections
-    def open_video(self) -> None:
+    def open_output(self) -> None:
         """A new writer and history, or the saved ones (the cross-fade edge re-decoded from the last
         finished section's latents); an input video's frames go first."""
         saved, inputs, schedule = self.saved, self.plan.inputs, self.schedule
@@ -348,16 +374,9 @@ class JobRun:
 
     def section(self, section: Section) -> None:
         """Sample one section, add it to the history, decode its new frames into the MP4, save state."""
-        self.cancel.check()
         ts = time.perf_counter()
-        cond, count = self.cond, len(self.plan.sections)
-        context = self.schedule.context(self.history, section, cond.anchors.get(section.video_index))
-        prompt = self.plan.prompts[section.video_index]
-        velocity = self._velocity(cond.conds[(prompt.prompt, prompt.blend_from)], cond.uncond, context)
-        noise = self._noise(cond.start.shape, self.rng)
-        with self.memory.use("transformer"):
-            latents = self._sample(velocity, noise, _Where(section.index, count, self.writer.num_frames), self.cache)
-        self.history = self.schedule.append(self.history, section, latents)
+        count = len(self.plan.sections)
+        self.history = self.schedule.append(self.history, section, self._denoise(section, self.writer.num_frames))
         td = time.perf_counter()
         self.emit(StageStarted("decoding", section.index, count))
         with self.memory.use("vae"):
@@ -375,13 +394,25 @@ class JobRun:
         frames = self.writer.num_frames
         self.emit(SectionDone(section.index, count, self.video_path, frames, frames / FPS))
 
+    def _denoise(self, section: Section, frames_done: int) -> torch.Tensor:
+        """The section's latents: its packed context and prompt, fresh noise, the sampler (+ step cache)."""
+        self.cancel.check()
+        cond = self.cond
+        context = self.schedule.context(self.history, section, cond.anchors.get(section.video_index))
+        prompt = self.plan.prompts[section.video_index]
+        velocity = self._velocity(cond.conds[(prompt.prompt, prompt.blend_from)], cond.uncond, context)
+        noise = self._noise(cond.start.shape, self.rng, self.schedule.section_latents)
+        where = _Where(section.index, len(self.plan.sections), frames_done)
+        with self.memory.use("transformer"):
+            return self._sample(velocity, noise, where, self.cache)
+
     def _decode(self, section: Section) -> torch.Tensor:
         latents = self.schedule.to_decode(self.history, section)
         return vae.decode(self.c.vae, latents, tiling=self.memory.tiled_decode)
 
-    def _noise(self, start_shape: tuple, rng: torch.Generator) -> torch.Tensor:
+    def _noise(self, start_shape: tuple, rng: torch.Generator, frames: int) -> torch.Tensor:
         b, c, _, h, w = start_shape
-        return torch.randn((b, c, self.request.window, h, w), generator=rng).to(self.device)
+        return torch.randn((b, c, frames, h, w), generator=rng).to(self.device)
 
     def _velocity(self, cond: dict, uncond: dict, context) -> Callable:
         """velocity(x, timestep, pass_name): the transformer on the section's context and the pass's inputs."""

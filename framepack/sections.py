@@ -9,6 +9,9 @@ so no other module asks which schedule it has. Two implementations, chosen by th
                     frames at 2x / 4x compression. The last generated section is the video's beginning.
   ForwardSchedule   F1: sections are generated in time order; context is the start frame plus the most
                     recent past frames at 4x / 2x / 1x.
+  OneFrameSchedule  one-frame inference (image editing, "1f" / kisekaeichi): one section of one target
+                    latent frame at a chosen RoPE index, with control images as clean context
+                    (`FrameLayout`); the original model only.
 
 Both keep only a bounded window of latent history (enough for context and for decoding the newest
 frames), so the cost and memory of a section do not depend on how long the video already is.
@@ -133,6 +136,11 @@ class Schedule(ABC):
         if not 1 <= window <= 33:
             raise ValueError(f"latent window size must be 1..33 (official slider range), got {window}")
         self.window = window
+
+    @property
+    def section_latents(self) -> int:
+        """Latent frames one section denoises (the noise it starts from)."""
+        return self.window
 
     @property
     def keep(self) -> int:
@@ -330,7 +338,147 @@ class ForwardSchedule(Schedule):
         return first, tail[-context_frames:]
 
 
-SCHEDULES: dict[str, type[Schedule]] = {cls.name: cls for cls in (InvertedSchedule, ForwardSchedule)}
+EDIT_INDEX_WARN = 40  # target / control indices above this are beyond what the official model was seen to hold
+EDIT_INDEX_MAX = 100
+
+
+@dataclass(frozen=True)
+class FrameLayout:
+    """Where a one-frame edit puts things on the RoPE time axis, at latent window W:
+
+        target        latent_indices = [target]                                (default W)
+        controls      clean_latents = the control latents at `controls`         (default: the start image at 0)
+        post          a zero latent at W + 1 appended to clean_latents          (unless post=False)
+        2x            2 zero latents at W + 2, W + 3                            (unless x2=False: no 2x part)
+        4x            16 zero latents at W + 4 .. W + 19                        (unless x4=False: no 4x part)
+
+    These are the positions of a 1-section inverted video (padding 0), with one noisy frame left."""
+
+    target: int
+    controls: tuple[int, ...] = (0,)
+    post: bool = True
+    x2: bool = True
+    x4: bool = True
+
+    def positions(self, window: int) -> dict[str, list[int]]:
+        """Every part's indices, by the name a user knows it under."""
+        out = {"target": [self.target]}
+        out.update({f"control {i + 1}": [c] for i, c in enumerate(self.controls)})
+        if self.post:
+            out["zero post latent"] = [window + 1]
+        if self.x2:
+            out["2x context"] = [window + 2, window + 3]
+        if self.x4:
+            out["4x context"] = list(range(window + 4, window + 4 + CONTEXT_4X))
+        return out
+
+    def problems(self, window: int) -> tuple[list[str], list[str]]:
+        """(errors, warnings): indices out of range, two parts on one index, indices beyond ~40."""
+        errors, warnings = [], []
+        if not self.controls:
+            errors.append("a frame edit needs at least one control image (the start image)")
+        for what, idx in self.positions(window).items():
+            for i in idx:
+                if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i <= EDIT_INDEX_MAX:
+                    errors.append(f"{what} index must be a whole number in 0..{EDIT_INDEX_MAX}, got {i!r}")
+        if errors:
+            return errors, warnings
+        seen: dict[int, str] = {}
+        for what, idx in self.positions(window).items():
+            for i in idx:
+                if i in seen:
+                    fix = {"zero post latent": "--no-post", "2x context": "--no-2x", "4x context": "--no-4x"}
+                    hint = next((f" (or pass {fix[w]})" for w in (what, seen[i]) if w in fix), "")
+                    errors.append(f"{what} and {seen[i]} are both at index {i}; move one of them{hint}")
+                else:
+                    seen[i] = what
+        for what in ("target", *(f"control {i + 1}" for i in range(len(self.controls)))):
+            i = self.positions(window)[what][0]
+            if i > EDIT_INDEX_WARN:
+                warnings.append(f"{what} at index {i}: beyond ~{EDIT_INDEX_WARN} the original model was not seen "
+                                "to hold up (expect a washed-out or unrelated frame)")  # fmt: skip
+        return errors, warnings
+
+
+class OneFrameSchedule(Schedule):
+    """One-frame inference: a single section that denoises one latent frame, the image "some time
+    later", packed with the control latents (masked, in `start`'s `prefix`) as `FrameLayout` says.
+    No keyframes, end frame or video extension: those are video controls."""
+
+    name = "one-frame"
+    grows_at = "end"
+
+    def __init__(self, window: int = 9, layout: FrameLayout | None = None) -> None:
+        super().__init__(window)
+        self.layout = layout or FrameLayout(target=window)
+
+    @property
+    def section_latents(self) -> int:
+        return 1
+
+    def sections(self, count: int = 1) -> list[Section]:
+        if count != 1:
+            raise ScheduleError(f"a frame edit is one section, not {count}")
+        return [Section(0, 1, 0, (1, 2))]
+
+    def sections_for(self, seconds: float) -> list[Section]:
+        return self.sections(1)
+
+    def frames(self, sections: int) -> int:
+        return 1
+
+    def overlap(self) -> int:
+        return 0
+
+    def start(self, start_latent: torch.Tensor, prefix: torch.Tensor | None = None) -> History:
+        """`prefix` (B, C, K, h, w): the control latents in layout order (default: the start latent alone)."""
+        controls = (start_latent if prefix is None else prefix).float().cpu()
+        if controls.shape[2] != len(self.layout.controls):
+            raise ScheduleError(f"{controls.shape[2]} control latents for {len(self.layout.controls)} control indices")
+        return History(start_latent.float().cpu(), controls, total=0)
+
+    def context(self, history: History, section: Section, anchor: torch.Tensor | None = None) -> Context:
+        lay, w = self.layout, self.window
+        controls = history.latents[:, :, : len(lay.controls)]  # (B, C, K, h, w)
+        b, c, _, h, wd = controls.shape
+
+        def zeros(n: int) -> torch.Tensor:
+            return torch.zeros(b, c, n, h, wd, dtype=controls.dtype)
+
+        def at(indices) -> torch.Tensor:
+            return torch.tensor([list(indices)], dtype=torch.long)  # (1, n)
+
+        pos = lay.positions(w)
+        clean = torch.cat([controls, zeros(1)], dim=2) if lay.post else controls  # (B, C, K [+1], h, w)
+        return Context(
+            latent_indices=at(pos["target"]),
+            clean_latents=clean,
+            clean_latent_indices=at([*lay.controls, *pos.get("zero post latent", [])]),
+            clean_latents_2x=zeros(CONTEXT_2X) if lay.x2 else None,
+            clean_latent_2x_indices=at(pos["2x context"]) if lay.x2 else None,
+            clean_latents_4x=zeros(CONTEXT_4X) if lay.x4 else None,
+            clean_latent_4x_indices=at(pos["4x context"]) if lay.x4 else None,
+        )
+
+    def append(self, history: History, section: Section, generated: torch.Tensor) -> History:
+        latents = torch.cat([history.latents[:, :, : len(self.layout.controls)], generated.float().cpu()], dim=2)
+        return replace(history, latents=latents, total=1)
+
+    def to_decode(self, history: History, section: Section) -> torch.Tensor:
+        return history.latents[:, :, -1:]  # (B, C, 1, h, w): the edited frame
+
+    def anchor_section(self, boundary: int, sections: int) -> int:
+        raise ScheduleError("is a video control: a frame edit has no keyframes (use a control image)")
+
+    def end_frame_section(self, sections: int) -> int:
+        raise ScheduleError("an end frame is a video control: a frame edit makes one frame")
+
+    def extend(self, first: T, tail: T, context_frames: int) -> tuple[T, T | None]:
+        raise ScheduleError("a frame edit starts from an image, not a video")
+
+
+SCHEDULES: dict[str, type[Schedule]] = {cls.name: cls for cls in (InvertedSchedule, ForwardSchedule,
+                                                                  OneFrameSchedule)}  # fmt: skip
 
 
 def make_schedule(kind: str, window: int = 9) -> Schedule:

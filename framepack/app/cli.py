@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -28,29 +29,45 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 
 def _add_generate(sub) -> None:
-    import typing
 
     from framepack.config import REQUEST_FIELDS, GenerationRequest
     from framepack.registry import REGISTRY
 
     p = sub.add_parser("generate", help="image-to-video generation", description="Generate a video from an image.")
-    groups: dict = {}
-    fields = {f.name: f for f in dataclasses.fields(GenerationRequest)}
-    hints = typing.get_type_hints(GenerationRequest)
-    for name, info in REQUEST_FIELDS.items():  # one flag per request field, help and checks from the field table
-        if info.group and info.group not in groups:
-            groups[info.group] = p.add_argument_group(info.group)
-        if info.cli:
-            _add_request_flag(groups.get(info.group, p), name, info, fields[name].default, hints[name])
+    groups = add_request_flags(p, GenerationRequest, REQUEST_FIELDS)
     p.add_argument("--model", default=None, choices=sorted(REGISTRY), help="default: original (tiny with --from none)")
     p.add_argument("--from", dest="from_json", help="re-run the request stored in a result .json (flags override)")
     c = groups[CONTROLS]
     c.add_argument("--prompts-file", help="timestamped prompts, one '[TIME: prompt]' or 'TIME: prompt' per line")
     c.add_argument("--keyframe", action="append", metavar="TIME=IMAGE", help=REQUEST_FIELDS["keyframes"].help)
-    lo = groups[LORAS]
-    lo.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]", help=REQUEST_FIELDS["loras"].help)
-    lo.add_argument("--lora-dir", help="folder of LoRA files: bare names and recorded hashes are looked up here "
-                    "(default <FRAMEPACK_HOME>/loras)")  # fmt: skip
+    add_run_args(p, groups[LORAS])
+    p.set_defaults(func=_generate)
+
+
+def add_request_flags(p: argparse.ArgumentParser, cls, *tables: dict) -> dict:
+    """One flag per field of request class `cls` in the field tables (help, ranges, choices from them);
+    returns the argument groups by name."""
+    import typing
+
+    groups: dict = {}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for table in tables:
+        for name, info in table.items():
+            if info.group and info.group not in groups:
+                groups[info.group] = p.add_argument_group(info.group)
+            if info.cli:
+                _add_request_flag(groups.get(info.group, p), name, info, fields[name].default, hints[name])
+    return groups
+
+
+def add_run_args(p: argparse.ArgumentParser, loras) -> None:
+    """LoRA files, device, memory and progress flags shared by `generate` and `edit`."""
+    from framepack.config import REQUEST_FIELDS
+
+    loras.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]", help=REQUEST_FIELDS["loras"].help)
+    loras.add_argument("--lora-dir", help="folder of LoRA files: bare names and recorded hashes are looked up here "
+                       "(default <FRAMEPACK_HOME>/loras)")  # fmt: skip
     _add_device_args(p)
     p.add_argument(
         "--preserved-memory",
@@ -63,7 +80,6 @@ def _add_generate(sub) -> None:
     p.add_argument("--memory", choices=["auto", "managed", "off"], default="auto",
                    help="device memory management (auto: on accelerators)")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_generate)
 
 
 def _add_device_args(p: argparse.ArgumentParser) -> None:
@@ -91,34 +107,41 @@ def _add_request_flag(p, name: str, info, default, kind) -> None:
         p.add_argument(flag, dest=name, type=kind, choices=info.choices, default=None, help=help_text)
 
 
-def _build_request(args: argparse.Namespace):
-    from framepack.config import GenerationRequest, RequestError
+def stored_settings(args: argparse.Namespace, kind: str) -> tuple[dict, str | None]:
+    """The request dict (without `overwrite`: replacing files is asked each time) and model name of
+    `--from`, which must be a result of this `kind` of job; ({}, None) without --from."""
+    from framepack.config import RequestError
+    from framepack.oneframe import read_settings
 
-    base: dict = {}
-    model = args.model
-    if args.from_json:
-        try:
-            stored = json.loads(Path(args.from_json).read_text(encoding="utf-8"))
-        except OSError as err:
-            raise RequestError(f"cannot read {args.from_json}: {err.strerror or err}") from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise RequestError(f"{args.from_json} is not a FramePack result (a .json sidecar): {err}") from None
-        if not isinstance(stored, dict) or not isinstance(stored.get("request"), dict):
-            raise RequestError(f"{args.from_json} is not a FramePack result (no 'request' entry)")
-        base = {k: v for k, v in stored["request"].items() if k != "overwrite"}  # replacing files: asked each time
-        model = model or (stored.get("model") or {}).get("name")
+    if not args.from_json:
+        return {}, None
+    stored, model = read_settings(args.from_json)
+    if stored.get("kind", "video") != kind:
+        command, what = ("edit", "a frame edit") if kind == "video" else ("generate", "a video")
+        raise RequestError(f"{args.from_json} holds the settings of {what}: re-run it with "
+                           f"`framepack {command} --from {args.from_json}`")  # fmt: skip
+    return {k: v for k, v in stored.items() if k not in ("overwrite", "kind")}, model
+
+
+def lora_overrides(args: argparse.Namespace) -> dict:
+    from framepack.lora import parse_lora_arg
+
+    return {"loras": tuple(parse_lora_arg(text) for text in args.lora)} if args.lora else {}
+
+
+def _build_request(args: argparse.Namespace):
+    from framepack.config import GenerationRequest
+
+    base, model = stored_settings(args, "video")
     fields = {f.name for f in dataclasses.fields(GenerationRequest)}
     overrides = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     if args.prompts_file:
         overrides["prompt"] = _read_prompts_file(args.prompts_file)
     if args.keyframe:
         overrides["keyframes"] = tuple(_parse_keyframe(k) for k in args.keyframe)
-    if args.lora:
-        from framepack.lora import parse_lora_arg
-
-        overrides["loras"] = tuple(parse_lora_arg(text) for text in args.lora)
+    overrides.update(lora_overrides(args))
     request = GenerationRequest.from_json_dict({**base, **overrides})
-    return request.validate(), model or "original"
+    return request.validate(), args.model or model or "original"
 
 
 def _read_prompts_file(path: str) -> str:
@@ -189,12 +212,10 @@ class _Progress:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    import os
 
-    from framepack.config import RuntimeOptions
     from framepack.events import CancelToken
     from framepack.outputs import check_output, disk_full_message, disk_needed, is_disk_full
-    from framepack.pipeline import GenerationFailed, GenerationInterrupted, check_request, load_pipeline
+    from framepack.pipeline import GenerationFailed, GenerationInterrupted, check_request
     from framepack.registry import get_spec
 
     request, model = _build_request(args)
@@ -205,33 +226,12 @@ def _generate(args: argparse.Namespace) -> int:
         LoraLibrary(args.lora_dir).check(request.loras)
     check_output(request)
     needed = disk_needed(plan.frames, *plan.inputs.size, request.window)
-    if args.offline:
-        os.environ["HF_HUB_OFFLINE"] = "1"
-    print(f"loading model {model!r} ...", file=sys.stderr)
-    options = RuntimeOptions(preserved_memory_gb=args.preserved_memory, fp8=args.fp8,
-                             keep_text_encoders=args.keep_text_encoders, memory=args.memory,
-                             lora_dir=args.lora_dir)  # fmt: skip
-    pipe = load_pipeline(model, device=args.device, models_dir=args.models_dir, download=not args.offline,
-                         options=options)  # fmt: skip
+    pipe = load_for(args, model)
     cancel = CancelToken()
-
-    presses = []
-
-    def on_sigint(signum, frame):
-        presses.append(1)
-        if len(presses) == 1:
-            print("\ncancelling after this step (Ctrl-C again to stop at once) ...", file=sys.stderr)
-            cancel.cancel()
-        elif len(presses) == 2:
-            print("\nstopping now; writing the video of the finished sections ...", file=sys.stderr)
-            raise KeyboardInterrupt
-        else:  # the partial video and its sidecar are being written: let that finish
-            print("\nstill writing the partial video; one moment ...", file=sys.stderr)
-
-    previous = signal.signal(signal.SIGINT, on_sigint)
     progress = _Progress(args.quiet)
     try:
-        result = pipe.generate(request, on_event=progress, cancel=cancel)
+        with cancel_on_ctrl_c(cancel, "the video of the finished sections"):
+            result = pipe.generate(request, on_event=progress, cancel=cancel)
     except GenerationInterrupted as stop:
         progress.close()
         r = stop.result
@@ -247,7 +247,6 @@ def _generate(args: argparse.Namespace) -> int:
         return 1
     finally:
         progress.close()
-        signal.signal(signal.SIGINT, previous)
     took = result.timings.get("total_s", 0.0)
     if result.video is None:
         print(f"{result.status}: no section finished; details in {result.metadata}")
@@ -264,6 +263,45 @@ def _generate(args: argparse.Namespace) -> int:
         f"{mem}; settings in {result.metadata}"
     )
     return 0 if result.status == "finished" else 1
+
+
+def load_for(args: argparse.Namespace, model: str):
+    """The pipeline of `model` with the run flags (device, memory, fp8, LoRA folder, offline)."""
+    from framepack.config import RuntimeOptions
+    from framepack.pipeline import load_pipeline
+
+    if args.offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    print(f"loading model {model!r} ...", file=sys.stderr)
+    options = RuntimeOptions(preserved_memory_gb=args.preserved_memory, fp8=args.fp8,
+                             keep_text_encoders=args.keep_text_encoders, memory=args.memory,
+                             lora_dir=args.lora_dir)  # fmt: skip
+    return load_pipeline(model, device=args.device, models_dir=args.models_dir, download=not args.offline,
+                         options=options)  # fmt: skip
+
+
+@contextlib.contextmanager
+def cancel_on_ctrl_c(cancel, kept: str):
+    """Ctrl-C cancels after the current step; a second stops at once (`kept` is still written); later
+    ones wait for that writing to finish."""
+    presses = []
+
+    def on_sigint(signum, frame):
+        presses.append(1)
+        if len(presses) == 1:
+            print("\ncancelling after this step (Ctrl-C again to stop at once) ...", file=sys.stderr)
+            cancel.cancel()
+        elif len(presses) == 2:
+            print(f"\nstopping now; writing {kept} ...", file=sys.stderr)
+            raise KeyboardInterrupt
+        else:
+            print("\nstill writing; one moment ...", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _cache_summary(sidecar: Path) -> str | None:
@@ -598,6 +636,13 @@ def _lora_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_edit(sub) -> None:
+    """`framepack edit ...` (one-frame image editing): defined in framepack.app.cli_edit."""
+    from framepack.app.cli_edit import register
+
+    register(sub)
+
+
 def _add_train(sub) -> None:
     """`framepack train ...` (toy family, section trainer, packaging): defined in framepack.train.commands."""
     from framepack.train.commands import register
@@ -611,6 +656,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="framepack", description="FramePack image-to-video generation")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
+    _add_edit(sub)
     d = sub.add_parser("download", help="prefetch a model's weights (HF cache, or --models-dir)")
     d.add_argument("model", choices=sorted(REGISTRY))
     d.add_argument("--models-dir", help="download into DIR/<org>/<name> instead of the HF cache")

@@ -244,6 +244,33 @@ def test_schedule_weights_set_the_mix(mini, tmp_path):
         T.SectionTrainer(_config(mini, tmp_path, probe_samples=0, schedules=("inverted", "inverted")))
 
 
+def test_one_frame_batches_are_one_frame_edits_of_the_clips(mini, tmp_path):
+    tr = T.SectionTrainer(_config(mini, tmp_path, probe_samples=0, schedules=("inverted", "one-frame")))
+    gen, seen = torch.Generator().manual_seed(11), set()
+    for _ in range(12):
+        batch = tr.draw(6, gen)
+        kinds = {m["schedule"] for m in batch.meta}
+        assert len(kinds) == 1  # one noisy frame vs a window: a batch is one or the other
+        seen |= kinds
+        if kinds != {"one-frame"}:
+            continue
+        kw, x2x4 = batch.kwargs, "clean_latents_2x" in batch.kwargs
+        assert kw["hidden_states"].shape[2] == 1 and ("clean_latents_4x" in kw) == x2x4
+        seen.add(f"one-frame with 2x/4x: {x2x4}")
+        for b, m in enumerate(batch.meta):  # hand-written: target k at index k, start at 0, zero post at 10
+            clip, k = tr.data[m["clip"]], m["section"]
+            assert 1 <= k <= 9 and kw["latent_indices"][b].tolist() == [k]
+            assert kw["clean_latent_indices"][b].tolist() == [0, 10]
+            assert torch.equal(kw["clean_latents"][b], torch.cat([clip.start[0], torch.zeros_like(clip.start[0])], 1))
+            if x2x4:
+                assert kw["clean_latent_2x_indices"][b].tolist() == [11, 12] and not kw["clean_latents_2x"].any()
+                assert kw["clean_latent_4x_indices"][b].tolist() == list(range(13, 29))
+            x0, s = clip.latents[0, :, k : k + 1], float(batch.sigma[b])
+            torch.testing.assert_close(kw["hidden_states"][b], (1 - s) * x0 + s * (batch.target[b] + x0))
+    assert seen == {"inverted", "one-frame", "one-frame with 2x/4x: True", "one-frame with 2x/4x: False"}
+    assert math.isfinite(tr.train_step()["loss"])
+
+
 def test_sigmas_follow_the_inference_shift():
     for seq_len in (144, 4000, 20000):
         mu = flow_shift_mu(seq_len)

@@ -20,6 +20,13 @@ uninterrupted one):
       rarely, "no start frame" (start latent and image embedding zeroed): the recent-past-only mode
       the quality benchmark uses as its no-anti-drifting baseline.
 
+One-frame samples (schedule "one-frame", as musubi-tuner trains its one-frame LoRAs): the target is
+one ground-truth latent k (1..window) of a clip, packed by the engine's `OneFrameSchedule` with the
+start latent at index 0, the target at index k and the edit preset's zero post / 2x / 4x parts (2x and
+4x present or absent together, drawn per batch); the shift is inference's at one frame's tokens. A
+one-frame sample has one noisy frame, so such a batch is all one-frame (drawn once per batch with
+the schedule's share); the other batches mix the video schedules per sample.
+
 One model learns both schedules (samples are mixed per batch, evenly unless `schedule_weights`
 says otherwise): their layouts differ (the inverted window sits before its clean context in RoPE
 time, the forward window after it), so the model can tell them apart, the two registry entries share
@@ -52,7 +59,7 @@ from torch import nn
 from framepack.models.lora import apply_lora, lora_file_tensors, lora_state_dict, merge_lora
 from framepack.models.transformer import FramePackTransformer
 from framepack.sampling import flow_shift_mu
-from framepack.sections import Context, Schedule, make_schedule
+from framepack.sections import Context, FrameLayout, OneFrameSchedule, Schedule, make_schedule
 from framepack.train.checkpoints import (
     CsvLog,
     checkpoint_path,
@@ -91,6 +98,15 @@ def section_sample(schedule: Schedule, latents: torch.Tensor, count: int, index:
     section = sections[index]
     a, b = section.latent_range
     return schedule.context(history, section), latents[:, :, a:b]
+
+
+def one_frame_sample(latents: torch.Tensor, start: torch.Tensor | None, target: int, window: int,
+                     with_2x_4x: bool) -> tuple[Context, torch.Tensor]:  # fmt: skip
+    """(inference context, ground truth) of a one-frame edit of a clip: its latent `target` (video order,
+    1..window) as the edited frame, the start latent as control 1 (`OneFrameSchedule`, edit preset)."""
+    schedule = OneFrameSchedule(window, FrameLayout(target, (0,), x2=with_2x_4x, x4=with_2x_4x))
+    history = schedule.start(latents[:, :, :1] if start is None else start)
+    return schedule.context(history, schedule.sections(1)[0]), latents[:, :, target : target + 1]
 
 
 def shifted_sigma(t: torch.Tensor, mu: float) -> torch.Tensor:
@@ -314,6 +330,7 @@ class SectionTrainer:
         c0 = self.data[0].latents
         self.seq_len = self.data.window * c0.shape[3] * c0.shape[4] // 4  # noisy tokens, as the pipeline's shift
         self.mu = flow_shift_mu(self.seq_len)
+        self.mu_one_frame = flow_shift_mu(c0.shape[3] * c0.shape[4] // 4)  # one noisy frame's tokens
         self.probe = self._probe_batch() if cfg.probe_samples > 0 else None
 
     # ---------------------------------------------------------------- data
@@ -330,11 +347,23 @@ class SectionTrainer:
         """A batch of `n` samples; every random choice comes from `generator`, in a fixed order.
         `weighted=False` ignores the schedule weights (the probe: comparable across runs)."""
         cfg, kinds = self.cfg, list(self.schedules)
+        one = OneFrameSchedule.name
+        one_frame = one in kinds and kinds[self._pick_schedule(generator, weighted)] == one  # the batch's kind
+        with_2x_4x = one_frame and bool(torch.rand((), generator=generator) < 0.5)
         items = []
         for _ in range(n):
             ci = int(torch.randint(len(self.data), (), generator=generator))
-            kind = kinds[self._pick_schedule(generator, weighted)]
             clip = self.data[ci]
+            if one_frame:
+                kind, no_start = one, False
+                si = 1 + int(torch.randint(min(self.data.window, clip.latents.shape[2] - 1), (), generator=generator))
+                drop_caption = bool(torch.rand((), generator=generator) < cfg.caption_dropout)
+                ctx, x0 = one_frame_sample(clip.latents, clip.start, si, self.data.window, with_2x_4x)
+                items.append((ci, kind, si, drop_caption, no_start, ctx, x0, clip))
+                continue
+            kind = kinds[self._pick_schedule(generator, weighted)]
+            while kind == one:  # a video batch: only the video schedules
+                kind = kinds[self._pick_schedule(generator, weighted)]
             si = int(torch.randint(clip.sections, (), generator=generator))
             drop_caption = bool(torch.rand((), generator=generator) < cfg.caption_dropout)
             no_start = self.schedules[kind].start_optional and bool(
@@ -342,7 +371,8 @@ class SectionTrainer:
             ctx, x0 = section_sample(self.schedules[kind], clip.latents, clip.sections, si, clip.start)
             items.append((ci, kind, si, drop_caption, no_start, ctx, x0, clip))
         t = sample_t(n, generator, cfg.sigma_sampling) if sigmas is None else None
-        sigma = (shifted_sigma(t, self.mu) if sigmas is None else sigmas.double()).float()  # (B,)
+        mu = self.mu_one_frame if one_frame else self.mu
+        sigma = (shifted_sigma(t, mu) if sigmas is None else sigmas.double()).float()  # (B,)
         lo, hi = cfg.guidance
         guidance = (lo + (hi - lo) * torch.rand(n, generator=generator)) * 1000.0
         x0 = torch.cat([it[6] for it in items])  # (B, C, w, h, w)
@@ -356,10 +386,12 @@ class SectionTrainer:
 
         kw: dict[str, torch.Tensor] = {}
         for k in CONTEXT_KEYS:
-            kw[k] = torch.cat([getattr(it[5], k) for it in items])  # latents (B, C, f, h, w), indices (B, f)
+            if getattr(items[0][5], k) is not None:  # a part a one-frame batch leaves out is not passed
+                kw[k] = torch.cat([getattr(it[5], k) for it in items])  # latents (B, C, f, h, w), indices (B, f)
         if ctx_noise is not None:
             for k, e in zip(("clean_latents", "clean_latents_2x", "clean_latents_4x"), ctx_noise):
-                kw[k] = kw[k] + e[:, :, : kw[k].shape[2]]
+                if k in kw:
+                    kw[k] = kw[k] + e[:, :, : kw[k].shape[2]]
         texts = [self.data.uncond if it[3] else it[7] for it in items]
         llama = [t.llama[0] for t in texts]  # (L_b, D) each
         length = max(x.shape[0] for x in llama)

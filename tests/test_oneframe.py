@@ -294,3 +294,13 @@ def test_one_frame_schedule_contract():
             call()
     errors, warnings = FrameLayout(9, (0, 0)).problems(9)
     assert errors == ["control 2 and control 1 are both at index 0; move one of them"] and not warnings
+
+
+def test_cli_switches_override_the_preset(pipe, pictures, tmp_path):
+    out = tmp_path / "mc.png"
+    args = ["edit", "--model", "tiny", "--image", str(pictures / "start.png"), "--prompt", "x", "--steps", "1",
+            "--preset", "multi-control", "--control", str(pictures / "ref.png"), "--with-2x", "--quiet",
+            "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    layout = json.loads(out.with_suffix(".json").read_text())["layout"]
+    assert layout["2x context"] == [11, 12] and "4x context" not in layout and layout["control 2"] == [1]

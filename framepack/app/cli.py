@@ -101,7 +101,11 @@ def _add_request_flag(p, name: str, info, default, kind) -> None:
         shown = f"{default:g}" if isinstance(default, float) else default if default not in (None, "") else None
     help_text = info.help + (f" (default {shown})" if shown is not None else "")
     flag = info.flag or "--" + name.replace("_", "-")
-    if kind is bool:
+    if kind is bool and flag.startswith("--no-"):  # a negative switch: --no-2x, and --with-2x to undo a preset's
+        p.add_argument(flag, dest=name, action="store_const", const=True, default=None, help=help_text)
+        p.add_argument("--with-" + flag[len("--no-"):], dest=name, action="store_const", const=False,
+                       help=f"the opposite of {flag}")  # fmt: skip
+    elif kind is bool:
         p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
     else:
         p.add_argument(flag, dest=name, type=kind, choices=info.choices, default=None, help=help_text)

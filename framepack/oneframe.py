@@ -88,10 +88,10 @@ def check_edit(request: EditRequest, spec, image: np.ndarray | None = None) -> J
     layout = request.layout()
     notes = list(layout.problems(request.window)[1])
     source = image if image is not None else request.image
-    start, size = prepare_image(source, request.resolution or spec.default_resolution)
-    original = load_image(source).shape[:2] if not isinstance(source, np.ndarray) else source.shape[:2]
+    picture = load_image(source)  # decoded once: its size is the mask's reference
+    start, size = prepare_image(picture, request.resolution or spec.default_resolution)
     controls, masks = [], []
-    mask_sources = [(request.image_mask, source, original)]
+    mask_sources = [(request.image_mask, source, picture.shape[:2])]
     for c in request.controls:
         picture = load_image(c.image)
         controls.append(resize_and_center_crop(picture, *size))
@@ -152,7 +152,8 @@ class EditRun(JobRun):
     def open_output(self) -> None:
         self.history = self.schedule.start(self.cond.start, self.cond.prefix)
         self.c.transformer.step_cache = self.cache
-        self.image: np.ndarray | None = None
+        self.image: np.ndarray | None = None  # the edited frame (H, W, 3), once decoded
+        self.control_images: list[np.ndarray] | None = None  # save_controls: each control as the model saw it
 
     def section(self, section: Section) -> None:
         ts = time.perf_counter()
@@ -161,7 +162,6 @@ class EditRun(JobRun):
         self.emit(StageStarted("decoding", section.index, 1))
         with self.memory.use("vae"):
             self.image = to_uint8_frames(self._decode(section))[0]  # (H, W, 3)
-            self.control_images = None
             if self.request.save_controls:  # what the model was given: each masked control, decoded
                 controls = self.history.latents[:, :, : len(self.schedule.layout.controls)]
                 self.control_images = [to_uint8_frames(vae.decode(self.c.vae, controls[:, :, i : i + 1]))[0]

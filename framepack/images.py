@@ -222,25 +222,40 @@ def load_image(source: str | os.PathLike | bytes | np.ndarray | Image.Image) -> 
     )
 
 
+def load_rgba(source: str | os.PathLike | bytes | np.ndarray | Image.Image) -> np.ndarray:
+    """As `load_image`, but a picture with transparency keeps it: (H, W, 4) uint8 RGBA then, else
+    (H, W, 3) RGB. For masks and frame-edit references, where the alpha channel means something."""
+    if isinstance(source, np.ndarray):
+        if source.ndim == 3 and source.shape[2] == 4:
+            _check_size(source.shape[1], source.shape[0], "image array")
+            return np.array(_to_uint8(source, "image array"), order="C")
+        return _from_array(source, "image array")
+    if isinstance(source, Image.Image):
+        return _from_pil(source, "PIL image", keep_alpha=True)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        return _open_file(io.BytesIO(data), f"image data ({len(data)} bytes)", keep_alpha=True)
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        name = os.fsdecode(path)
+        _check_regular_file(path, name)
+        return _open_file(path, name, keep_alpha=True)
+    return load_image(source)  # the same error for an unsupported source
+
+
 def load_mask(source: str | os.PathLike | bytes | np.ndarray | Image.Image) -> np.ndarray:
     """A mask as (H, W) uint8, 255 = keep and 0 = ignore: a greyscale picture, or the luminance of a
     colour one (its alpha, if any, is ignored: a transparent mask is read by its colour). Same sources,
     checks and errors as `load_image`."""
-    if isinstance(source, (str, os.PathLike)):
-        name = os.fsdecode(os.fspath(source))
-        _check_regular_file(os.fspath(source), name)
-        source = _open_file(os.fspath(source), name, keep_alpha=True)
-    rgb = load_image(source[..., :3] if isinstance(source, np.ndarray) and source.ndim == 3 else source)
+    rgb = load_rgba(source)[..., :3]
     return np.round(rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)).astype(np.uint8)
 
 
-def image_alpha(source: str | os.PathLike) -> np.ndarray | None:
-    """The alpha channel (H, W) uint8 of an image file (EXIF orientation applied), or None when it has no
+def image_alpha(source: str | os.PathLike | bytes | np.ndarray | Image.Image) -> np.ndarray | None:
+    """The alpha channel (H, W) uint8 of a picture (EXIF orientation applied), or None when it has no
     transparency."""
-    name = os.fsdecode(os.fspath(source))
-    _check_regular_file(os.fspath(source), name)
-    pixels = _open_file(os.fspath(source), name, keep_alpha=True)
-    return pixels[..., 3].copy() if pixels.ndim == 3 and pixels.shape[2] == 4 else None
+    pixels = load_rgba(source)
+    return pixels[..., 3].copy() if pixels.shape[2] == 4 else None
 
 
 def prepare_image(

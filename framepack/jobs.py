@@ -1,4 +1,5 @@
-"""The job layer: a persistent queue of generation jobs, one worker, and each job's files.
+"""The job layer: a persistent queue of generation jobs (videos and frame edits), one worker, and each
+job's files.
 
 Every front end (CLI `serve`/`ui`, the HTTP API, the Gradio UI) goes through `JobQueue`; nothing
 here knows about HTTP or widgets.
@@ -9,6 +10,8 @@ Storage, all inside one outputs folder:
     OUTPUTS/jobs.lock           held (flock) by the one process serving this folder
     OUTPUTS/jobs/<id>/input.png the start image as the engine sees it (decoded, EXIF/alpha applied)
     OUTPUTS/jobs/<id>/video.mp4 the video (grows section by section) and video.json, its sidecar
+    OUTPUTS/jobs/<id>/edit.png  a frame edit's image (kind "edit") and edit.json, its sidecar
+    OUTPUTS/jobs/<id>/<upload>.png  the other uploaded images: end_image, image_mask, control_N, control_N_mask
     OUTPUTS/jobs/<id>/state/    resume state, saved by the engine after every finished section
     OUTPUTS/jobs/<id>/job.json  a copy of the job's record, rewritten on every state change
 
@@ -25,8 +28,17 @@ Contract:
   * A damaged database is moved aside and the queue rebuilt from the job folders' job.json; a missing
     or damaged job folder or record is reported in that job's entry (state "failed" with an error)
     and never stops the queue. Startup problems are listed in `JobQueue.problems`.
-  * Request parameters are derived from `GenerationRequest`'s fields: whatever fields it has, a job
-    accepts (the server owns `image` and `output`).
+  * Request parameters are derived from the request's fields: whatever fields `GenerationRequest` has,
+    a video job accepts; a frame edit (`"kind": "edit"`, `config.EditRequest`) accepts its own. The
+    server owns every field that holds a path (`SERVER_FIELDS`): images are uploaded with the job.
+  * Job kinds (`KINDS`): a video resumes from its last finished section; a frame edit is one image and
+    simply runs again. One worker call (`Pipeline.run`) runs either; what differs is data (the result
+    file, the uploads a kind takes) and the engine's check at submission (`_check_runnable`).
+  * A frame edit's reference images are uploaded as control_2, control_3, ... (the start image is control
+    1), each with an optional control_N_mask; the start image's mask is image_mask. In `params`, the
+    `controls` list gives only each reference's RoPE index, `{"index": N}` (or null: the preset's), one
+    entry per uploaded reference, in order; without `controls` every upload gets the preset's index.
+    Edit images keep their transparency (the engine reads an alpha channel as a mask, as with the CLI).
   * LoRAs: a job names its files in the queue's LoRA folder (`lora_dir`, the pipelines' `--lora-dir`):
     by name ('style.safetensors', 'sub/x.safetensors') or by an absolute path inside it, never a file
     elsewhere; each must be a readable safetensors file when the job is submitted.
@@ -50,14 +62,14 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from framepack import jobstate
-from framepack.config import GenerationRequest, RequestError
+from framepack.config import VIDEO_ONLY, EditRequest, GenerationRequest, RequestError, request_from_json
 from framepack.events import Cancelled, CancelToken, Failed, Finished, SectionDone, StageStarted, StepProgress
 from framepack.outputs import disk_free, disk_full_message, disk_needed, is_disk_full
 from framepack.outputs import job_id as new_job_id
@@ -69,10 +81,15 @@ RESUMABLE = frozenset({"interrupted", "cancelled", "failed"})
 # Request fields that hold paths on the server. A client never sets them as parameters (that would let
 # it make the server read or write any file); the server fills them from uploads and the job folder.
 # A new request field that holds a path must be added here (tests/test_jobs.py checks the names).
-SERVER_FIELDS = frozenset({"image", "output", "overwrite", "end_image", "video", "keyframes"})
+SERVER_FIELDS = frozenset({"image", "output", "overwrite", "end_image", "video", "keyframes", "image_mask"})
 # Of those, single images a client may upload with a job (saved as <field>.png in its folder).
-IMAGE_UPLOADS = ("end_image",)
-INPUT, VIDEO, STATE_DIR, RECORD = "input.png", "video.mp4", "state", "job.json"
+IMAGE_UPLOADS = ("end_image", "image_mask")
+# The paths inside each `controls` entry of a frame edit (config.EditControl): server-owned too. They come
+# from the uploads control_N (image) and control_N_mask (mask), N = 2, 3, ... in the order of `controls`.
+CONTROL_UPLOADS = {"image": "", "mask": "_mask"}  # EditControl field -> upload name suffix
+EDIT_REFERENCES = 4  # reference images (control_2 .. control_5) one frame edit job may upload
+INPUT, VIDEO, EDIT, STATE_DIR, RECORD = "input.png", "video.mp4", "edit.png", "state", "job.json"
+_CONTROL_NAME = re.compile(r"^control_(\d+)(_mask)?$")
 DB_NAME, LOCK_NAME, JOBS_DIR = "jobs.sqlite3", "jobs.lock", "jobs"
 
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -124,18 +141,43 @@ class StorageFull(JobError):
 
 
 @dataclasses.dataclass(frozen=True)
+class JobKind:
+    """What differs between job kinds (`GenerationRequest.kind`) in the job layer: data, not code paths."""
+
+    request: type  # the request class (`config.request_from_json` picks it from the stored "kind")
+    result: str  # the result file in the job folder; its sidecar has the same name with .json
+    uploads: tuple[str, ...]  # the images a client may upload besides the start image
+    unused: tuple[str, ...] = ()  # request fields this kind has no use for (left out of its parameters)
+    alpha: bool = False  # uploaded images keep their transparency (a frame edit reads alpha as a mask)
+
+
+KINDS: dict[str, JobKind] = {
+    "video": JobKind(GenerationRequest, VIDEO, ("end_image",)),
+    EditRequest.kind: JobKind(EditRequest, EDIT, ("image_mask", *(f"control_{n}{suffix}" for n in
+                              range(2, 2 + EDIT_REFERENCES) for suffix in CONTROL_UPLOADS.values())),
+                              VIDEO_ONLY, alpha=True),
+}  # fmt: skip
+
+
+def job_kind(name: object) -> JobKind:
+    if name not in KINDS:
+        raise RequestError(f"unknown job kind {name!r}; accepted: {', '.join(KINDS)}")
+    return KINDS[name]
+
+
+@dataclasses.dataclass(frozen=True)
 class Job:
     id: str
     state: str
     model: str
-    request: dict  # GenerationRequest fields; image and output relative to the job folder
+    request: dict  # the request's fields ("kind": "edit" for a frame edit); its files relative to the job folder
     options: dict  # per-job runtime options (preserved_memory_gb)
     created: float
     started: float | None
     finished: float | None
     position: int | None  # 0 = next to run; None unless queued
     progress: dict  # the latest event's state: stage, section, sections, step, steps, frames, seconds, text
-    result: dict  # frames, seconds, width, height, sections, sections_done, peak_vram_bytes, peak_rss_bytes
+    result: dict  # the result's summary(): a video's frames, seconds, ...; an edit's image ("<id>/edit.png"), ...
     error: str | None
     video: str | None  # paths relative to the jobs folder ("<id>/video.mp4")
     metadata: str | None
@@ -147,21 +189,41 @@ class Job:
     def terminal(self) -> bool:
         return self.state in TERMINAL
 
+    @property
+    def kind(self) -> str:
+        """The job kind: video, or edit (a frame edit)."""
+        kind = self.request.get("kind", "video")
+        return kind if isinstance(kind, str) else "video"
+
+    @property
+    def output(self) -> str | None:
+        """The result file relative to the jobs folder (the video, or the edited image), once there is one."""
+        image = self.result.get("image")
+        return self.video or (image if isinstance(image, str) else None)
+
     def params(self) -> dict:
-        """The request without the server-owned fields: what a client can submit again."""
-        return {k: v for k, v in self.request.items() if k not in SERVER_FIELDS}
+        """The request without the server-owned fields (a frame edit's `controls` keep only their index):
+        what a client can submit again, with the same uploads."""
+        params = {k: v for k, v in self.request.items() if k not in SERVER_FIELDS}
+        if isinstance(params.get("controls"), list):
+            params["controls"] = [{k: v for k, v in c.items() if k not in CONTROL_UPLOADS} if isinstance(c, dict)
+                                  else c for c in params["controls"]]  # fmt: skip
+        return params
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-def request_fields() -> list[dataclasses.Field]:
-    """The GenerationRequest fields a client may set, in declaration order."""
-    return [f for f in dataclasses.fields(GenerationRequest) if f.name not in SERVER_FIELDS]
+def request_fields(kind: str = "video") -> list[dataclasses.Field]:
+    """The request fields a client may set for a job of `kind`, in declaration order."""
+    spec = job_kind(kind)
+    return [f for f in dataclasses.fields(spec.request) if f.name not in SERVER_FIELDS and f.name not in spec.unused]
 
 
-def build_request(params: dict) -> GenerationRequest:
-    """Client parameters -> a validated request (defaults for what is missing). RequestError lists problems."""
+def build_request(params: dict, uploads: Iterable[str] = ()) -> GenerationRequest:
+    """Client parameters and the names of the images uploaded with them (`upload_fields`) -> a validated
+    request (defaults for what is missing) naming the job folder's files: input.png, <upload>.png and the
+    result (video.mp4, or edit.png for `"kind": "edit"`). RequestError lists problems."""
     if not isinstance(params, dict):
         raise RequestError(f"parameters must be a JSON object, got {type(params).__name__}")
     owned = sorted(SERVER_FIELDS & set(params))
@@ -170,14 +232,79 @@ def build_request(params: dict) -> GenerationRequest:
             f"{owned} cannot be given as parameters: images are uploaded with the job and the server chooses "
             "where files go"
         )
-    request = GenerationRequest.from_json_dict({**params, "image": INPUT, "output": VIDEO})
-    return request.validate()
+    kind_name = params.get("kind", "video")
+    kind = job_kind(kind_name)
+    uploads = set(uploads)
+    unknown = sorted(uploads - set(kind.uploads))
+    if unknown:
+        hint = "" if kind is KINDS[EditRequest.kind] else ' (image_mask and control_N are for "kind": "edit")'
+        raise RequestError(f"unknown image uploads {unknown} for a {kind_name} job; accepted: {list(kind.uploads)}"
+                           f"{hint}")  # fmt: skip
+    fields = {**params, "image": INPUT, "output": kind.result}
+    fields.update({name: _upload_file(name) for name in IMAGE_UPLOADS if name in uploads})
+    if "controls" in {f.name for f in dataclasses.fields(kind.request)}:  # a frame edit's reference images
+        fields["controls"] = _controls(params.get("controls"), uploads)
+    return request_from_json(fields).validate()
 
 
-def upload_fields() -> list[str]:
-    """The image uploads (besides the start image) this version's requests accept, e.g. end_image."""
-    names = {f.name for f in dataclasses.fields(GenerationRequest)}
-    return [name for name in IMAGE_UPLOADS if name in names]
+def _upload_file(name: str) -> str:
+    """Where an upload is kept, relative to its job folder."""
+    return f"{name}.png"
+
+
+def _controls(given: Any, uploads: set[str]) -> list[dict]:
+    """A frame edit's `controls` from the client's indices and the uploaded control_N / control_N_mask."""
+    numbers = sorted(int(m[1]) for name in uploads if (m := _CONTROL_NAME.match(name)) and not m[2])
+    if numbers != list(range(2, 2 + len(numbers))):
+        raise RequestError(f"reference images are uploaded as control_2, control_3, ... in order, without gaps; got "
+                           f"{', '.join(f'control_{n}' for n in numbers)}")  # fmt: skip
+    for name in sorted(uploads):
+        m = _CONTROL_NAME.match(name)
+        if m and m[2] and f"control_{m[1]}" not in uploads:
+            raise RequestError(f"{name} was uploaded without its image control_{m[1]}")
+    if given is None:  # every uploaded reference at the preset's index
+        given = [{}] * len(numbers)
+    if not isinstance(given, (list, tuple)):
+        raise RequestError(f"controls must be a list with one {{'index': N or null}} per uploaded reference image "
+                           f"(control_2, control_3, ...), got {given!r}")  # fmt: skip
+    if len(given) != len(numbers):
+        uploaded = ", ".join(f"control_{n}" for n in numbers) or "none"
+        raise RequestError(f"controls lists {len(given)} reference image(s) but {len(numbers)} were uploaded "
+                           f"({uploaded}): upload each one's image as control_2, control_3, ... in the order of "
+                           "controls")  # fmt: skip
+    out = []
+    for n, entry in enumerate(given, 2):
+        if not isinstance(entry, dict):
+            raise RequestError(f"controls[{n - 2}] must be {{'index': N or null}}, got {entry!r}")
+        owned = sorted(set(entry) & set(CONTROL_UPLOADS))
+        if owned:
+            raise RequestError(f"controls[{n - 2}]: {owned} cannot be given as parameters: upload the image as "
+                               f"control_{n} and its mask as control_{n}_mask")  # fmt: skip
+        unknown = sorted(set(entry) - {"index"})
+        if unknown:
+            raise RequestError(f"controls[{n - 2}]: unknown keys {unknown}; a control takes only 'index' (its image "
+                               f"and mask are the uploads control_{n} and control_{n}_mask)")  # fmt: skip
+        files = {key: _upload_file(f"control_{n}{suffix}") if f"control_{n}{suffix}" in uploads else None
+                 for key, suffix in CONTROL_UPLOADS.items()}  # fmt: skip
+        out.append({"image": files["image"], "index": entry.get("index"), "mask": files["mask"]})
+    return out
+
+
+def upload_fields(kind: str = "video") -> list[str]:
+    """The image uploads (besides the start image) a job of `kind` accepts: end_image for a video;
+    image_mask, control_N and control_N_mask for a frame edit."""
+    return list(job_kind(kind).uploads)
+
+
+def stored_uploads(request: dict) -> dict[str, str]:
+    """The uploaded images a stored request names (relative to its job folder), by upload name."""
+    found = {name: request[name] for name in IMAGE_UPLOADS if isinstance(request.get(name), str)}
+    controls = request.get("controls")
+    for n, c in enumerate(controls if isinstance(controls, list) else (), 2):
+        for key, suffix in CONTROL_UPLOADS.items():
+            if isinstance(c, dict) and isinstance(c.get(key), str):
+                found[f"control_{n}{suffix}"] = c[key]
+    return found
 
 
 # The official page's wording for the stages before sampling (spec §7), where it has one.
@@ -196,6 +323,9 @@ def describe_progress(progress: dict) -> str:
     stage = progress.get("stage")
     if not stage:
         return ""
+    if progress.get("kind") == EditRequest.kind:  # one frame: no sections or frames to count
+        step = f" step {progress['step']}/{progress['steps']}" if stage == "sampling" and progress.get("steps") else ""
+        return f"Frame edit · {stage_label(stage).lower()}{step}"
     frames, seconds = progress.get("frames") or 0, progress.get("seconds") or 0.0
     so_far = f"{frames} frames ({seconds:.2f} s) so far" if frames else "no frames yet"
     if progress.get("sections") and progress.get("section") is not None:
@@ -281,26 +411,19 @@ class JobQueue:
         parent: str | None = None,
         uploads: dict[str, bytes | np.ndarray | str | os.PathLike] | None = None,
     ) -> Job:
-        """Queue a job. `uploads`: other images by request field (see `upload_fields`, e.g. end_image).
-        ImageError for an unusable image, RequestError for bad parameters or model."""
+        """Queue a job: a video, or a frame edit (`params["kind"] == "edit"`). `uploads`: the other images
+        by name (`upload_fields(kind)`: end_image; image_mask, control_N, control_N_mask). ImageError for an
+        unusable image, RequestError for bad parameters or model (the engine's whole check, as the CLI's)."""
         from PIL import Image
 
-        from framepack.images import ImageError, load_image
-
-        request = build_request(params)
+        uploads = {k: v for k, v in (uploads or {}).items() if v is not None}
+        request = build_request(params, uploads)
+        kind = job_kind(request.kind)
         model = self._check_model(model)
         options = _check_options(options)
-        uploads = {k: v for k, v in (uploads or {}).items() if v is not None}
-        unknown = sorted(set(uploads) - set(upload_fields()))
-        if unknown:
-            raise RequestError(f"unknown image uploads {unknown}; accepted: {upload_fields()}")
-        pixels = load_image(image)  # ImageError with a precise message for non-images and corrupt files
-        extra = {}
-        for name, source in uploads.items():
-            try:
-                extra[name] = load_image(source)
-            except ImageError as err:
-                raise ImageError(f"{name}: {err}") from None
+        pixels = _decode(image, None, alpha=kind.alpha)  # ImageError with a precise message for corrupt files
+        extra = {name: _decode(source, name, alpha=kind.alpha, mask=name.endswith("mask"))
+                 for name, source in uploads.items()}  # fmt: skip
         needed = _space_needed(request, pixels.shape[:2], model)
         if disk_free(self.jobs_dir) < needed:
             raise StorageFull(disk_full_message(self.outputs, needed))
@@ -308,10 +431,9 @@ class JobQueue:
         try:
             try:
                 Image.fromarray(pixels).save(folder / INPUT, compress_level=1)
-                stored = request.to_json_dict()
+                stored = request.to_json_dict()  # files relative to the job folder; made absolute when it runs
                 for name, px in extra.items():
-                    Image.fromarray(px).save(folder / f"{name}.png", compress_level=1)
-                    stored[name] = f"{name}.png"  # relative to the job folder; made absolute when it runs
+                    Image.fromarray(px).save(folder / _upload_file(name), compress_level=1)
             except OSError as err:
                 if is_disk_full(err):
                     raise StorageFull(disk_full_message(self.outputs, needed)) from err
@@ -446,8 +568,10 @@ class JobQueue:
         if not image.is_file():
             raise JobConflict(f"job {job_id} has no input image left ({image} is missing); it cannot be re-run")
         merged = {**job.params(), **(params or {})}
-        uploads = {name: self.jobs_dir / job_id / Path(job.request[name]).name
-                   for name in upload_fields() if isinstance(job.request.get(name), str)}  # fmt: skip
+        uploads = {name: self.jobs_dir / job_id / Path(rel).name for name, rel in stored_uploads(job.request).items()}
+        missing = sorted(name for name, path in uploads.items() if not path.is_file())
+        if missing:
+            raise JobConflict(f"job {job_id} has lost its uploaded {', '.join(missing)}; it cannot be re-run")
         return self.submit(image, merged, model=model or job.model, options={**job.options, **(options or {})},
                            parent=job_id, uploads=uploads)  # fmt: skip
 
@@ -520,11 +644,15 @@ class JobQueue:
         return path
 
     def job_file(self, job_id: str, kind: str) -> Path:
-        """A job's 'video', 'metadata' (sidecar) or 'image'. JobNotFound (with the reason) if absent."""
+        """A job's 'video', 'metadata' (sidecar), 'image' (the start image) or 'edit' (a frame edit's
+        image). JobNotFound (with the reason) if absent."""
         job = self.get(job_id)
-        rel = {"video": job.video, "metadata": job.metadata, "image": f"{job_id}/{INPUT}"}[kind]
+        if kind == "edit" and job.kind != EditRequest.kind:
+            raise JobNotFound(f"job {job_id} is a {job.kind} job: it has no edited image")
+        rel = {"video": job.video, "metadata": job.metadata, "image": f"{job_id}/{INPUT}",
+               "edit": job.output if job.kind == EditRequest.kind else None}[kind]  # fmt: skip
         if rel is None:
-            raise JobNotFound(f"job {job_id} ({job.state}) has no {kind} yet")
+            raise JobNotFound(f"job {job_id} ({job.state}) has no {'edited image' if kind == 'edit' else kind} yet")
         try:
             return self.file(rel)
         except JobNotFound:
@@ -594,7 +722,7 @@ class JobQueue:
                 db.execute("UPDATE jobs SET state = 'running', started = ?, progress = '{}' WHERE id = ?",
                            (time.time(), row[0]))  # fmt: skip
             self._running = (row[0], CancelToken())
-            self._live[row[0]] = {}
+            self._live[row[0]] = {"kind": self.get(row[0]).kind}  # for its progress text (describe_progress)
             job = self.get(row[0])
         self._save_record(job)
         self._emit(job.id, {"type": "state", "state": "running"})
@@ -613,14 +741,15 @@ class JobQueue:
                 failure.append(event.error)
             self._on_engine_event(job.id, event)
 
-        if not jobstate.exists(folder / STATE_DIR):  # a fresh run: files an earlier attempt left are stale
-            for name in (VIDEO, "video.json"):
+        if not jobstate.exists(folder / STATE_DIR):  # a fresh run (an edit's is always): earlier files are stale
+            result_file = _result_name(job.request)
+            for name in (result_file, Path(result_file).with_suffix(".json").name):
                 (folder / name).unlink(missing_ok=True)
         try:
             pipe = self._get_pipeline(job.id, job.model)
-            request = GenerationRequest.from_json_dict(_absolute(job.request, folder, self.lora_library().folder))
+            request = request_from_json(_absolute(job.request, folder, self.lora_library().folder))
             with _job_options(pipe, job.options):
-                result = pipe.generate(request, on_event, token, state_dir=folder / STATE_DIR)
+                result = pipe.run(request, on_event, token, state_dir=folder / STATE_DIR)
         except Exception as err:  # engine failures (after a sidecar), bad requests/images, missing weights
             if is_disk_full(err):
                 error = disk_full_message(self.outputs, self._needed_by(job.id))
@@ -635,12 +764,7 @@ class JobQueue:
         state = {"finished": "done", "cancelled": "cancelled"}.get(result.status, "failed")
         if state == "cancelled" and self._interrupting:
             state = "interrupted"
-        info = {
-            "frames": result.frames, "seconds": round(result.seconds, 3), "width": result.width,
-            "height": result.height, "sections": result.sections, "sections_done": result.sections_done,
-            "seed": result.seed, "peak_vram_bytes": result.peak_vram_bytes, "peak_rss_bytes": result.peak_rss_bytes,
-            "total_s": result.timings.get("total_s"),
-        }  # fmt: skip
+        info = _relative(result.summary(), job.id)
         error = "stopped by the server shutting down; resume to continue" if state == "interrupted" else None
         self._finish(job.id, state, error=error, files=folder, result=info)
 
@@ -651,18 +775,19 @@ class JobQueue:
             self._previews.pop(job_id, None)
             if self._running and self._running[0] == job_id:
                 self._running = None
+            try:
+                request = self.get(job_id).request
+            except (sqlite3.Error, JobNotFound):
+                return  # deleted meanwhile (or the queue is closing): nothing left to record
             changes: dict = {"state": state, "finished": time.time(), "error": error, "video": None, "metadata": None}
             if files is not None:
+                sidecar = Path(_result_name(request)).with_suffix(".json").name
                 changes["video"] = f"{job_id}/{VIDEO}" if (files / VIDEO).is_file() else None
-                changes["metadata"] = f"{job_id}/video.json" if (files / "video.json").is_file() else None
+                changes["metadata"] = f"{job_id}/{sidecar}" if (files / sidecar).is_file() else None
             if result is not None:
                 changes["result"] = json.dumps(result)
             if progress is not None:
                 changes["progress"] = json.dumps(progress)
-            try:
-                self._row(job_id)
-            except (sqlite3.Error, JobNotFound):
-                return  # deleted meanwhile (or the queue is closing): nothing left to record
             # Kept in memory until it is in the database (a full disk can refuse the write): the job is
             # never left "running", and the worker writes it as soon as the disk allows.
             self._unsaved[job_id] = changes
@@ -693,7 +818,7 @@ class JobQueue:
             job = self.get(job_id)
             with Image.open(self.jobs_dir / job_id / INPUT) as img:
                 width, height = img.size
-            return _space_needed(GenerationRequest.from_json_dict(job.request), (height, width), job.model)
+            return _space_needed(request_from_json(job.request), (height, width), job.model)
         except Exception:  # a damaged record or image: the run itself will say what is wrong
             return 0
 
@@ -892,19 +1017,20 @@ class JobQueue:
         for job_id in died:
             self.problems.append(f"job {job_id} was running when the server stopped: now interrupted (resumable)")
             self._save_record(self.get(job_id))
-        known = {r[0]: r for r in self._db.execute("SELECT id, state, video FROM jobs")}
+        known = {r[0]: r for r in self._db.execute("SELECT id, state FROM jobs")}
         for folder in sorted(p for p in self.jobs_dir.iterdir() if p.is_dir()):
             if folder.name not in known and _ID.match(folder.name):
                 self._import_folder(folder)
-        for job_id, state, video in known.values():
+        for job_id, state in known.values():
             folder = self.jobs_dir / job_id
-            error = None
+            error, output = None, self.get(job_id).output if state == "done" else None
             if not folder.is_dir():
                 error = f"the job folder {folder} is missing"
             elif state in ("queued", "interrupted") and not (folder / INPUT).is_file():
                 error = f"the job's input image {folder / INPUT} is missing"
-            elif state == "done" and video and not (self.jobs_dir / video).is_file():
-                error = f"the job's video {self.jobs_dir / video} is missing"
+            elif output and not (self.jobs_dir / output).is_file():
+                what = "video" if output.endswith(".mp4") else "image"
+                error = f"the job's {what} {self.jobs_dir / output} is missing"
             if error:
                 self.problems.append(f"job {job_id}: {error}")
                 with self._write() as db:
@@ -1028,10 +1154,14 @@ def _free_device_memory() -> None:
 def _absolute(request: dict, folder: Path, lora_folder: Path) -> dict:
     """The stored request (file names relative to the job folder, LoRAs named in the LoRA folder) as the
     engine gets it. RequestError for a LoRA path outside the LoRA folder."""
-    out = {**request, "image": str(folder / INPUT), "output": str(folder / VIDEO)}
+    out = {**request, "image": str(folder / INPUT), "output": str(folder / _result_name(request))}
     for name in IMAGE_UPLOADS:
         if isinstance(out.get(name), str):
             out[name] = str(folder / Path(out[name]).name)
+    if isinstance(out.get("controls"), list):  # a frame edit's reference images and masks
+        out["controls"] = [{**c, **{k: str(folder / Path(c[k]).name) for k in CONTROL_UPLOADS
+                                    if isinstance(c.get(k), str)}} if isinstance(c, dict) else c
+                           for c in out["controls"]]  # fmt: skip
     if isinstance(out.get("loras"), (list, tuple)):
         out["loras"] = [{**r, "path": _lora_path(r["path"], lora_folder)}
                         if isinstance(r, dict) and isinstance(r.get("path"), str) and r["path"].strip() else r
@@ -1050,6 +1180,36 @@ def _lora_path(path: str, lora_folder: Path) -> str:
         raise RequestError(f"LoRA {path!r} is not a file in the LoRA folder {root}: a job names each LoRA by "
                            "its name in that folder (e.g. 'style.safetensors')")  # fmt: skip
     return str(full)
+
+
+def _result_name(request: dict) -> str:
+    """A stored request's result file in its job folder: video.mp4, or edit.png for a frame edit."""
+    kind = KINDS.get(request.get("kind", "video")) if isinstance(request.get("kind", "video"), str) else None
+    return (kind or KINDS["video"]).result
+
+
+def _relative(summary: dict, job_id: str) -> dict:
+    """A result's summary with its files (an edit's image and control images) relative to the jobs folder."""
+    out = dict(summary)
+    if isinstance(out.get("image"), str):
+        out["image"] = f"{job_id}/{out['image']}"
+    if isinstance(out.get("controls"), list):
+        out["controls"] = [f"{job_id}/{name}" for name in out["controls"]]
+    return out
+
+
+def _decode(source: Any, name: str | None, *, alpha: bool = False, mask: bool = False) -> np.ndarray:
+    """An uploaded picture as it is stored in the job folder: (H, W, 3) uint8 RGB, (H, W, 4) with `alpha`
+    when it has transparency, or a mask's (H, W) grey levels (`images.load_mask`, as the engine reads a
+    mask file). ImageError, prefixed with the upload's `name`, for anything unusable."""
+    from framepack.images import ImageError, load_image, load_mask, load_rgba
+
+    try:
+        if mask:
+            return load_mask(source)
+        return load_rgba(source) if alpha else load_image(source)  # every check, with its precise message
+    except ImageError as err:
+        raise ImageError(f"{name}: {err}" if name else str(err)) from None
 
 
 def _event_fields(event: object) -> dict:
@@ -1081,13 +1241,17 @@ def _state_event(job: Job) -> dict:
 
 
 def _space_needed(request: GenerationRequest, image_hw: tuple[int, int], model: str) -> int:
-    """About the most disk a job holds at once (framepack.outputs.disk_needed) for its start image size."""
+    """About the most disk a job holds at once (framepack.outputs.disk_needed) for its start image size;
+    a frame edit: its PNG (and the control images it saves), 4 bytes a pixel at most, and 1 MiB."""
     from framepack.images import nearest_bucket
     from framepack.registry import get_spec
     from framepack.sections import make_schedule
 
     spec = get_spec(model)
     height, width = nearest_bucket(*image_hw, request.resolution or spec.default_resolution)
+    if isinstance(request, EditRequest):
+        images = 1 + (1 + len(request.controls) if request.save_controls else 0)
+        return images * height * width * 4 + 2**20
     schedule = make_schedule(spec.schedule, request.window)
     frames = schedule.frames(len(schedule.sections_for(request.seconds)))  # as JobPlan.frames (no input video)
     return disk_needed(frames, height, width, request.window)
@@ -1098,11 +1262,22 @@ def _check_runnable(stored: dict, folder: Path, model: str, loras: Any) -> None:
     without loading any model, so the API refuses what the CLI refuses before a job is queued. Every
     LoRA file must be in the LoRA folder `loras` (a `framepack.lora.LoraLibrary`) and be a readable
     safetensors file (LoraError, a RequestError, otherwise)."""
+    from framepack.oneframe import check_edit
     from framepack.pipeline import check_request
     from framepack.registry import get_spec
 
-    request = GenerationRequest.from_json_dict(_absolute(stored, folder, loras.folder))
-    check_request(request, get_spec(model))
+    request = request_from_json(_absolute(stored, folder, loras.folder))
+    check = {"video": check_request, EditRequest.kind: check_edit}[request.kind]
+    try:
+        check(request, get_spec(model))
+    except ValueError as err:  # RequestError, ImageError: name the uploads, not where the server keeps them
+        files = {"image": INPUT, **stored_uploads(stored)}
+        text = str(err)
+        for name, rel in files.items():
+            text = text.replace(str(folder / Path(rel).name), f"the uploaded {name}")
+        if text == str(err):
+            raise
+        raise type(err)(text) from None
     if request.loras:
         from framepack.models.lora import LoraError
 

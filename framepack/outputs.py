@@ -35,6 +35,13 @@ class GenerationResult:
     peak_vram_bytes: int | None = None  # None without CUDA
     peak_rss_bytes: int | None = None
 
+    def summary(self) -> dict:
+        """What a job record keeps of the result."""
+        return {"frames": self.frames, "seconds": round(self.seconds, 3), "width": self.width, "height": self.height,
+                "sections": self.sections, "sections_done": self.sections_done, "seed": self.seed,
+                "peak_vram_bytes": self.peak_vram_bytes, "peak_rss_bytes": self.peak_rss_bytes,
+                "total_s": self.timings.get("total_s")}  # fmt: skip
+
 
 def job_id() -> str:
     """Official naming: %y%m%d_%H%M%S_mmm_rand."""

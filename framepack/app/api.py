@@ -5,9 +5,11 @@
 mounts the Gradio page on the same app, so both servers answer the same routes.
 
     GET    /api/info                     version, models, upload limit, whether a token is required
-    GET    /api/params                   every generation parameter with its default (the JobParams schema)
+    GET    /api/params[?kind=edit]       every parameter with its default (the JobParams / EditParams schema)
     GET    /api/loras                    the server's LoRA folder and its .safetensors files (for `loras`)
-    POST   /api/jobs                     multipart: image (file), params (JSON object), model, preserved_memory_gb
+    POST   /api/jobs                     multipart: image (file), params (JSON object), model, preserved_memory_gb,
+                                         and the other images: end_image (a video); image_mask, control_N,
+                                         control_N_mask (a frame edit, params {"kind": "edit", ...})
     GET    /api/jobs[?state=...]         queued jobs in run order, then the others (running first, newest first)
     GET    /api/jobs/{id}                one job
     POST   /api/jobs/{id}/cancel         queued: cancelled now; running: after the current step (valid MP4 kept)
@@ -17,7 +19,14 @@ mounts the Gradio page on the same app, so both servers answer the same routes.
     POST   /api/jobs/{id}/rerun          {"params": {...}, "model": ...}: a new job, this one's image and settings
     GET    /api/jobs/{id}/events         Server-Sent Events, in order, ending with a terminal `state` event
     GET    /api/jobs/{id}/video|sidecar|image|preview.png
+    GET    /api/jobs/{id}/result.png     a frame edit's image (its control images: /api/files/{result.controls[i]})
     GET    /api/files/{path}             any file inside the job folders (nothing outside them)
+
+Frame edits (`framepack.oneframe`, one image with the original model): params `{"kind": "edit", "prompt":
+..., "preset": "kisekaeichi", "controls": [{"index": 10}]}` with the reference images uploaded as control_2,
+control_3, ... (the start image is control 1) and their optional masks as control_N_mask; `controls` gives
+only each reference's RoPE index (null: the preset's), one entry per uploaded reference, and may be left
+out. The start image's mask is the upload image_mask. The job's `result.image` is its PNG ("<id>/edit.png").
 
 Errors are JSON `{"detail": "..."}`: 401 missing/wrong token, 404 unknown job or file, 400 a path that
 leaves the outputs folder, 409 an operation that does not fit the job's state, 413 an upload over the
@@ -31,7 +40,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import inspect
 import json
+import re
 import secrets
 import socket
 import typing
@@ -46,9 +57,10 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 import framepack
-from framepack.config import LORA_WEIGHT_RANGE, REQUEST_FIELDS, GenerationRequest, RequestError
+from framepack.config import EDIT_FIELDS, LORA_WEIGHT_RANGE, REQUEST_FIELDS, EditRequest, RequestError
 from framepack.images import ImageError
 from framepack.jobs import (
+    KINDS,
     STATES,
     TERMINAL,
     FileAccessError,
@@ -59,6 +71,7 @@ from framepack.jobs import (
     JobQueue,
     StorageFull,
     request_fields,
+    upload_fields,
 )
 
 DEFAULT_MAX_UPLOAD = 32 * 2**20
@@ -79,41 +92,76 @@ class LoraParam(BaseModel):
                                "it): the file in the folder with this hash is used if the name has moved")  # fmt: skip
 
 
+class ControlParam(BaseModel):
+    """One entry of a frame edit's `controls`: the RoPE index of the reference image uploaded as control_N
+    (N = 2 for the first entry, 3 for the next, ...). Its image and mask are uploads, never parameters."""
+
+    model_config = ConfigDict(extra="forbid")
+    index: int | None = Field(None, ge=0, le=100, description="RoPE time index of this reference image (null: the "
+                              "preset's, e.g. kisekaeichi 10)")  # fmt: skip
+
+
 # The API's wording where a field's CLI help (flags, repetition) does not fit a JSON parameter.
 _API_HELP = {"loras": "LoRA files merged into the transformer for this job: a list of {path, weight, sha256?} "
-             "objects (see GET /api/loras for the files; weights add up when several touch a module)"}  # fmt: skip
-_API_TYPES: dict[str, Any] = {"loras": list[LoraParam]}
+             "objects (see GET /api/loras for the files; weights add up when several touch a module)",
+             "controls": "the reference images' RoPE indices: one {index} per uploaded control_2, control_3, ... "
+             "in order (index null: the preset's); left out: each upload at the preset's index"}  # fmt: skip
+_PARAMS_HELP = 'JSON object of JobParams fields, or of EditParams fields with "kind": "edit" (see /api/params)'
+_EDIT_HELP = {"prompt": "what the edited frame shows (one prompt; no timestamps)"}
+_API_TYPES: dict[str, Any] = {"loras": list[LoraParam], "controls": list[ControlParam]}
+# The uploads besides the start image, of every job kind (end_image; image_mask, control_N, control_N_mask).
+UPLOADS = tuple(dict.fromkeys(name for kind in KINDS for name in upload_fields(kind)))
 
 
-def _params_model() -> type[BaseModel]:
-    """A pydantic model with one field per client-settable GenerationRequest field: types and defaults
-    from the dataclass, descriptions, ranges and choices from `REQUEST_FIELDS` (documentation in the
-    schema; the engine's own check gives the error messages, the same as the CLI's). The model is never
-    used to parse a submission (it would coerce): parameters reach `GenerationRequest.from_json_dict` as sent."""
-    hints = {**typing.get_type_hints(GenerationRequest), **_API_TYPES}
+def _upload_help(name: str) -> str:
+    if name == "end_image":
+        return "original model: the video ends near it"
+    if name == "image_mask":
+        return "frame edit: " + EDIT_FIELDS["image_mask"].help
+    n, mask = re.fullmatch(r"control_(\d+)(_mask)?", name).groups()
+    if mask:
+        return f"frame edit: the mask of control_{n} (grayscale; white = keep; default: its alpha channel)"
+    return f"frame edit: reference image {int(n) - 1} (control {n}; its index: params.controls[{int(n) - 2}])"
+
+
+def _params_model(kind: str = "video") -> type[BaseModel]:
+    """A pydantic model with one field per client-settable field of the kind's request class: types and
+    defaults from the dataclass, descriptions, ranges and choices from `REQUEST_FIELDS` (and `EDIT_FIELDS`
+    for a frame edit) (documentation in the schema; the engine's own check gives the error messages, the
+    same as the CLI's). The model is never used to parse a submission (it would coerce): parameters reach
+    `config.request_from_json` as sent."""
+    request_class = KINDS[kind].request
+    hints = {**typing.get_type_hints(request_class), **_API_TYPES}
+    table = {**REQUEST_FIELDS, **EDIT_FIELDS}
+    wording = {**_API_HELP, **(_EDIT_HELP if kind == EditRequest.kind else {})}
     fields: dict[str, Any] = {}
-    for f in request_fields():
-        info = REQUEST_FIELDS[f.name]
+    if kind != "video":  # a video is the default kind: its parameters need no "kind"
+        fields["kind"] = (Literal[kind], Field(kind, description=f"the job kind: {kind!r}"))  # type: ignore[valid-type]
+    for f in request_fields(kind):
+        info = table[f.name]
         extra: dict[str, Any] = {}
         if info.range is not None:
             extra.update(minimum=info.range[0], maximum=info.range[1])
         if info.choices is not None:
             extra["enum"] = list(info.choices)
-        kw: dict[str, Any] = {"description": _API_HELP.get(f.name, info.help), "json_schema_extra": extra or None}
+        kw: dict[str, Any] = {"description": wording.get(f.name, info.help), "json_schema_extra": extra or None}
         if f.default is not dataclasses.MISSING:
             kw["default"] = list(f.default) if f.name in _API_TYPES and isinstance(f.default, tuple) else f.default
         elif f.default_factory is not dataclasses.MISSING:
             kw["default_factory"] = f.default_factory
         fields[f.name] = (hints[f.name], Field(**kw))
+    video = kind == "video"
     return create_model(
-        "JobParams",
+        "JobParams" if video else "EditParams",
         __config__=ConfigDict(extra="forbid"),
-        __doc__="Generation parameters (GenerationRequest fields); ranges are checked by the engine.",
+        __doc__="Generation parameters (GenerationRequest fields); ranges are checked by the engine." if video else
+        'Frame edit parameters ("kind": "edit"; EditRequest fields); ranges are checked by the engine.',
         **fields,
-    )
+    )  # fmt: skip
 
 
 JobParams = _params_model()
+EditParams = _params_model(EditRequest.kind)
 
 
 class Progress(BaseModel):
@@ -130,6 +178,12 @@ class Progress(BaseModel):
 
 
 class JobResult(BaseModel):
+    kind: str | None = Field(None, description='"edit" for a frame edit')
+    image: str | None = Field(None, description="a frame edit's image, relative to the job folders (GET /api/files/"
+                              "{image}, or /api/jobs/{id}/result.png)")  # fmt: skip
+    controls: list[str] | None = Field(None, description="a frame edit's control images as the model saw them "
+                                       "(save_controls), relative to the job folders")  # fmt: skip
+    notes: list[str] | None = Field(None, description="a frame edit's adjustments and warnings")
     frames: int | None = None
     seconds: float | None = None
     width: int | None = None
@@ -149,13 +203,15 @@ class JobLinks(BaseModel):
     video: str | None = None
     sidecar: str | None = None
     preview: str | None = None
+    result_png: str | None = Field(None, description="a finished frame edit's image")
 
 
 class JobInfo(BaseModel):
     id: str
+    kind: Literal["video", "edit"] = Field(description="video, or edit (a frame edit: one image)")
     state: Literal["queued", "running", "done", "failed", "cancelled", "interrupted"]
     model: str
-    params: dict[str, Any]  # JobParams fields (a dict: records from older versions may differ)
+    params: dict[str, Any]  # JobParams or EditParams fields (a dict: records from older versions may differ)
     options: dict[str, Any]
     created: float
     started: float | None
@@ -176,7 +232,7 @@ class MoveBody(BaseModel):
 
 class RerunBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    params: dict[str, Any] = Field(default_factory=dict, description="JobParams fields to change")
+    params: dict[str, Any] = Field(default_factory=dict, description="JobParams (EditParams) fields to change")
     model: str | None = None
     preserved_memory_gb: float | None = None
 
@@ -239,12 +295,14 @@ def create_app(
             video=f"{base}/video" if job.video or job.progress.get("video") else None,
             sidecar=f"{base}/sidecar" if job.metadata else None,
             preview=f"{base}/preview.png" if job.state == "running" else None,
+            result_png=f"{base}/result.png" if job.kind == EditRequest.kind and job.output else None,
         )
         progress = {k: v for k, v in job.progress.items() if k in Progress.model_fields}
         result = {k: v for k, v in job.result.items() if k in JobResult.model_fields}
         return JobInfo(
-            id=job.id, state=job.state, model=job.model, params=job.params(), options=job.options,
-            created=job.created, started=job.started, finished=job.finished, position=job.position,
+            id=job.id, kind=job.kind if job.kind in KINDS else "video", state=job.state, model=job.model,
+            params=job.params(), options=job.options, created=job.created, started=job.started,
+            finished=job.finished, position=job.position,
             progress=Progress(**progress), result=JobResult(**result), error=job.error, resumable=job.resumable,
             parent=job.parent, links=links,
         )  # fmt: skip
@@ -255,10 +313,12 @@ def create_app(
                     max_upload_bytes=max_upload_bytes, auth=token is not None, jobs=queue.counts(),
                     storage=queue.storage_problem)  # fmt: skip
 
-    @app.get("/api/params", response_model=JobParams, tags=["server"])
-    def get_params() -> Any:
-        """Every generation parameter a job accepts, with its default."""
-        return JobParams()
+    @app.get("/api/params", response_model=JobParams | EditParams, tags=["server"])  # type: ignore[valid-type]
+    def get_params(
+        kind: Annotated[Literal["video", "edit"], Query(description="edit: a frame edit's parameters")] = "video",
+    ) -> Any:
+        """Every parameter a job of this kind accepts, with its default."""
+        return EditParams() if kind == EditRequest.kind else JobParams()
 
     @app.get("/api/loras", response_model=LoraList, tags=["server"])
     def get_loras() -> LoraList:
@@ -274,20 +334,22 @@ def create_app(
             files.append(LoraFile(name=name, size=st.st_size, modified=st.st_mtime))
         return LoraList(folder=str(library.folder), exists=library.folder.is_dir(), files=files)
 
-    @app.post("/api/jobs", status_code=201, response_model=JobInfo, responses=_ERRORS, tags=["jobs"])
     async def submit(
         image: Annotated[UploadFile, File(description="start image: PNG, JPEG, WebP, GIF, BMP, TIFF, AVIF...")],
-        params: Annotated[str, Form(description="JSON object of JobParams fields (see /api/params)")] = "{}",
+        params: Annotated[str, Form(description=_PARAMS_HELP)] = "{}",
         model: Annotated[str | None, Form(description="model name (see /api/info); default the server's")] = None,
         preserved_memory_gb: Annotated[float | None, Form(description="GPU memory to leave free")] = None,
-        end_image: Annotated[UploadFile | None, File(description="original model: the video ends near it")] = None,
+        **files: UploadFile | None,
     ) -> JobInfo:
         data = await _read_upload(image, "image", max_upload_bytes)
-        uploads = {"end_image": await _read_upload(end_image, "end_image", max_upload_bytes)} if end_image else {}
+        uploads = {name: await _read_upload(f, name, max_upload_bytes) for name, f in files.items() if f}
         fields = _parse_params(params)
         options = {"preserved_memory_gb": preserved_memory_gb}
         job = await run_in_threadpool(queue.submit, data, fields, model=model, options=options, uploads=uploads)
         return info(job)
+
+    _with_uploads(submit, UPLOADS)  # one optional file field per upload name of every kind (**files)
+    app.post("/api/jobs", status_code=201, response_model=JobInfo, responses=_ERRORS, tags=["jobs"])(submit)
 
     @app.get("/api/jobs", response_model=list[JobInfo], tags=["jobs"])
     def list_jobs(
@@ -344,6 +406,9 @@ def create_app(
     def get_video(job_id: str) -> FileResponse:
         """The MP4 (while running: the video of the finished sections so far). Range requests work."""
         job = queue.get(job_id)
+        if job.kind == EditRequest.kind:
+            raise JobNotFound(f"job {job_id} is a frame edit: it makes an image, not a video "
+                              f"(GET /api/jobs/{job_id}/result.png)")  # fmt: skip
         rel = job.video or job.progress.get("video")
         if not rel:
             raise JobNotFound(f"job {job_id} ({job.state}) has no video yet")
@@ -360,6 +425,12 @@ def create_app(
     def get_image(job_id: str) -> FileResponse:
         return FileResponse(queue.job_file(job_id, "image"), media_type="image/png")
 
+    @app.get("/api/jobs/{job_id}/result.png", response_class=FileResponse, responses=_ERRORS, tags=["files"])
+    def get_result_png(job_id: str) -> FileResponse:
+        """A finished frame edit's image (the PNG carries its settings in a text chunk, as the CLI writes it)."""
+        return FileResponse(queue.job_file(job_id, "edit"), media_type="image/png", filename=f"{job_id}.png",
+                            content_disposition_type="inline")  # fmt: skip
+
     @app.get("/api/jobs/{job_id}/preview.png", responses=_ERRORS, tags=["files"])
     def get_preview(job_id: str) -> Response:
         """The latest latent preview of a running job's current section."""
@@ -374,6 +445,17 @@ def create_app(
         return FileResponse(queue.file(path))
 
     return app
+
+
+def _with_uploads(handler: Callable, names: tuple[str, ...]) -> None:
+    """Give `handler` (whose `**files` collects them) one optional multipart file parameter per name, so
+    FastAPI reads them and the schema lists them; the names come from the job kinds (`upload_fields`)."""
+    signature = inspect.signature(handler, eval_str=True)
+    fixed = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                               annotation=Annotated[UploadFile | None, File(description=_upload_help(name))])
+             for name in names]  # fmt: skip
+    handler.__signature__ = signature.replace(parameters=[*fixed, *extra])  # type: ignore[attr-defined]
 
 
 async def _read_upload(upload: UploadFile, name: str, limit: int) -> bytes:
@@ -397,8 +479,9 @@ def _parse_params(text: str) -> dict:
 
 def _validated(fields: dict) -> dict:
     """The parameters as sent: no coercion (pydantic's lax mode would turn "25" into 25 and true into 1.0).
-    The queue checks them with the engine's own `GenerationRequest.validate` (strict types, ranges,
-    unknown and server-owned fields), so the API and the CLI refuse the same things in the same words."""
+    The queue checks them with the engine's own `validate` (GenerationRequest's, EditRequest's: strict
+    types, ranges, unknown and server-owned fields), so the API and the CLI refuse the same things in the
+    same words."""
     if not isinstance(fields, dict):
         raise RequestError(f"params must be a JSON object, got {type(fields).__name__}")
     return dict(fields)

@@ -20,6 +20,16 @@ picker (`LORA_ROWS` rows of file + weight over the queue's LoRA folder, include/
 `loras`, `lora_include` and `lora_exclude` (`collect_loras`, `lora_settings`). A finished job's
 progress text and History entry say what its step cache computed and skipped (`cache_summary`).
 `mount(app, queue)` puts the page at / of a FastAPI app (the HTTP API's, so one server has both).
+
+The "Frame edit" tab (beside "Video") submits frame edits (`config.EditRequest`, one image with the
+original model) to the same queue: a start image and up to `EDIT_REFERENCES` reference images, each
+with an optional mask, a preset (`EDIT_PRESETS`: choosing one sets the target index, the no-2x / 4x /
+post switches and the reference indices, `preset_values`), prompt, seed and steps; its gallery shows the
+finished edits, newest first (`edit_gallery`). A mask is either painted on the image (gr.ImageEditor:
+the brush marks what to keep; `editor_picture`) or uploaded as a file (white = keep), not both. The
+editor flattens a picture's transparency onto white, so here (unlike `framepack edit` and the API) an
+alpha channel is not a mask: paint or upload one. `edit_submission` turns the tab's values into the
+queue's (image, params, uploads).
 """
 
 from __future__ import annotations
@@ -34,8 +44,9 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+import numpy as np
 
-from framepack.config import REQUEST_FIELDS, GenerationRequest, LoraRef
+from framepack.config import EDIT_FIELDS, EDIT_PRESETS, REQUEST_FIELDS, EditRequest, GenerationRequest, LoraRef
 from framepack.jobs import INPUT, SERVER_FIELDS, TERMINAL, Job, JobError, JobQueue, stage_label, upload_fields
 from framepack.models.caches import MagCache
 from framepack.sections import FPS, SCHEDULES
@@ -54,6 +65,8 @@ CACHE_LABELS = {"teacache": "TeaCache", "magcache": "MagCache", "none": "none"} 
 # The threshold slider's value when a cache is chosen (what `cache_threshold: None` means to the engine).
 CACHE_THRESHOLDS = {"teacache": GenerationRequest.teacache_threshold, "magcache": MagCache.threshold}
 CACHE_FIELDS = ("teacache", "teacache_threshold")  # represented by the cache selector and threshold slider
+EDIT_REFERENCES = 2  # reference image rows on the Frame edit tab (the queue takes up to jobs.EDIT_REFERENCES)
+EDIT_GALLERY = 60  # finished edits shown in the tab's gallery
 
 CSS = """
 .no-generating-animation > .generating { display: none !important; }
@@ -319,6 +332,8 @@ def _progress_texts(job: Job) -> tuple[str, str]:
     p = job.progress
     if job.state == "queued":
         return f"Queued: {job.position} job(s) before this one ...", _bar(0, "Waiting in the queue ...")
+    if job.kind == EditRequest.kind:
+        return _edit_texts(job)
     if job.state == "running":
         frames = p.get("frames") or 0
         desc = (f"Total generated frames: {frames}, Video length: {frames / FPS:.2f} seconds (FPS-30). "
@@ -345,6 +360,23 @@ def _progress_texts(job: Job) -> tuple[str, str]:
     return message, ""
 
 
+def _edit_texts(job: Job) -> tuple[str, str]:
+    """A frame edit's progress (one frame: a step count, no sections or video length) or outcome."""
+    p, r = job.progress, job.result
+    if job.state == "running":
+        hint = p.get("text") or f"{stage_label(p.get('stage'))} ..."
+        pct = int(100 * p["step"] / p["steps"]) if p.get("stage") == "sampling" and p.get("steps") else 0
+        return hint, _bar(pct, hint)
+    if job.state == "done":
+        took = f" in {r['total_s']:.1f} s" if isinstance(r.get("total_s"), (int, float)) else ""
+        notes = "".join(f"  \nNote: {_md_escape(str(n))}" for n in r.get("notes") or ())
+        return f"Finished: edited image {r.get('width')}x{r.get('height')}{took}{_memory(r)}.{notes}", ""
+    message = f"{job.state.capitalize()}."
+    if job.error and job.state != "cancelled":
+        message += f" {job.error}"
+    return message, ""
+
+
 def _memory(r: dict) -> str:
     parts = []
     if r.get("peak_vram_bytes"):
@@ -359,8 +391,13 @@ def _bar(percent: int, hint: str) -> str:
             f"<span>{html.escape(hint)}</span></div>")  # fmt: skip
 
 
+QUEUE_HEADERS = ["job", "kind", "state", "model", "prompt", "progress"]
+HISTORY_HEADERS = ["job", "kind", "state", "model", "prompt", "seconds", "seed", "steps", "frames", "size",
+                   "peak VRAM GiB", "peak RAM GiB", "when", "error"]  # fmt: skip
+
+
 def queue_rows(jobs: list[Job]) -> list[list[Any]]:
-    return [[j.id, j.state if j.state != "queued" else f"queued #{j.position + 1}", j.model,
+    return [[j.id, j.kind, j.state if j.state != "queued" else f"queued #{j.position + 1}", j.model,
              _short(j.request.get("prompt", "")), j.progress.get("text") or ""] for j in jobs]  # fmt: skip
 
 
@@ -372,7 +409,7 @@ def history_rows(jobs: list[Job]) -> list[list[Any]]:
         vram = f"{r['peak_vram_bytes'] / 2**30:.2f}" if r.get("peak_vram_bytes") else ""
         ram = f"{r['peak_rss_bytes'] / 2**30:.2f}" if r.get("peak_rss_bytes") else ""
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(j.finished or j.created))
-        rows.append([j.id, j.state, j.model, _short(j.request.get("prompt", "")), j.request.get("seconds"),
+        rows.append([j.id, j.kind, j.state, j.model, _short(j.request.get("prompt", "")), j.request.get("seconds"),
                      j.request.get("seed"), j.request.get("steps"), r.get("frames"), size, vram, ram, when,
                      (j.error or "")[:120]])  # fmt: skip
     return rows
@@ -380,6 +417,105 @@ def history_rows(jobs: list[Job]) -> list[list[Any]]:
 
 def _short(text: str, n: int = 60) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
+
+
+# ------------------------------------------------------------------------------------- frame edits
+def preset_values(name: str) -> list[Any]:
+    """What choosing a preset sets on the Frame edit tab: [target index, no 2x, no 4x, no post, then the
+    RoPE index of each reference row (None where the preset places no reference: the next index)]."""
+    preset = EDIT_PRESETS.get(name, EDIT_PRESETS["edit"])
+    target = GenerationRequest.window if preset.target is None else preset.target  # None: the window W
+    refs = [preset.controls[i] if i < len(preset.controls) else None for i in range(1, 1 + EDIT_REFERENCES)]
+    return [target, preset.no_2x, preset.no_4x, preset.no_post, *refs]
+
+
+def editor_picture(value: Any) -> tuple[Any, np.ndarray | None]:
+    """A gr.ImageEditor value -> (the uploaded picture, the mask painted on it: 255 wherever a brush
+    stroke is, 0 elsewhere; None when nothing is painted). A plain picture passes through, unmasked."""
+    if not isinstance(value, dict):
+        return value, None
+    background = value.get("background")
+    if background is None:
+        return None, None
+    picture = np.asarray(background)
+    if picture.ndim == 3 and picture.shape[2] == 4:
+        picture = picture[..., :3]  # Gradio flattens it onto white: the alpha channel says nothing
+    painted = None
+    for layer in value.get("layers") or ():
+        layer = np.asarray(layer)
+        if layer.ndim == 3 and layer.shape[2] == 4:
+            stroke = layer[..., 3] > 0
+            painted = stroke if painted is None or painted.shape != stroke.shape else painted | stroke
+    if painted is None or not painted.any():
+        return picture, None
+    return picture, painted.astype(np.uint8) * 255
+
+
+def edit_submission(start: Any, start_mask: Any, references: list[tuple[Any, Any, Any]], prompt: str | None,
+                    preset: str, target: float, no_2x: bool, no_4x: bool, no_post: bool, seed: float,
+                    steps: float) -> tuple[Any, dict, dict]:  # fmt: skip
+    """The Frame edit tab's values -> (start image, params, uploads) for `JobQueue.submit`.
+
+    `start` and each reference's picture: an ImageEditor value (the picture and the mask painted on it)
+    or a picture; `start_mask` and each reference's mask: an uploaded mask file or None. `references`:
+    (picture, RoPE index or None for the preset's, mask) per row; rows without a picture are skipped.
+    ValueError (the user's to fix) for a missing start image, two masks for one image, or a mask alone."""
+    image, painted = editor_picture(start)
+    if image is None:
+        raise ValueError("Upload a start image first.")
+    uploads: dict[str, Any] = {}
+    mask = _one_mask("the start image", painted, start_mask)
+    if mask is not None:
+        uploads["image_mask"] = mask
+    controls = []
+    for row, (value, index, mask_file) in enumerate(references, 1):
+        picture, painted = editor_picture(value)
+        if picture is None:
+            if mask_file is not None:
+                raise ValueError(f"Reference {row} has a mask but no image: upload its image or clear the mask.")
+            continue
+        name = f"control_{2 + len(controls)}"  # the start image is control 1
+        uploads[name] = picture
+        mask = _one_mask(f"reference {row}", painted, mask_file)
+        if mask is not None:
+            uploads[f"{name}_mask"] = mask
+        controls.append({"index": None if index is None or index == "" else round(float(index))})
+    params = {"kind": EditRequest.kind, "prompt": prompt or "", "preset": preset, "target_index": round(float(target)),
+              "no_2x": bool(no_2x), "no_4x": bool(no_4x), "no_post": bool(no_post), "seed": round(float(seed)),
+              "steps": round(float(steps)), "controls": controls}  # fmt: skip
+    return image, params, uploads
+
+
+def _one_mask(what: str, painted: np.ndarray | None, uploaded: Any) -> Any:
+    if painted is not None and uploaded is not None:
+        raise ValueError(f"{what.capitalize()} has a painted mask and an uploaded one: keep one of them.")
+    return painted if painted is not None else uploaded
+
+
+def edit_gallery(queue: JobQueue, limit: int = EDIT_GALLERY) -> list[tuple[str, str]]:
+    """(image path, caption) of the finished frame edits, newest first."""
+    done = [j for j in queue.list(["done"]) if j.kind == EditRequest.kind and j.output]
+    done.sort(key=lambda j: -(j.finished or j.created))
+    out = []
+    for job in done[:limit]:
+        try:
+            out.append((str(queue.file(job.output)), f"{job.id} · {_short(job.request.get('prompt', ''), 40)}"))
+        except JobError:
+            continue  # deleted or damaged meanwhile
+    return out
+
+
+def edit_status(queue: JobQueue, session: dict) -> str:
+    """A line on the session's latest frame edit job: queued, its progress, or how it ended."""
+    jobs = session.get("jobs") or []
+    if not jobs:
+        return ""
+    try:
+        job = queue.get(jobs[-1])
+    except JobError:
+        return ""
+    where = f" (#{job.position + 1} in the queue)" if job.state == "queued" else ""
+    return f"Job `{job.id}`{where}: {_progress_texts(job)[0]}"
 
 
 # ------------------------------------------------------------------------------------- the page
@@ -397,69 +533,78 @@ def build(queue: JobQueue, *, title: str = "FramePack") -> gr.Blocks:
         gr.Markdown(f"# {title}" + (schedule.title_suffix if schedule else ""))
         watch = gr.State({"jobs": []})
         base_params = gr.State({})
-        with gr.Row():
-            with gr.Column():
-                image = gr.Image(sources=["upload"], type="numpy", label="Image", height=320, elem_id="fp-image")
-                prompt = gr.Textbox(label="Prompt", value="", elem_id="fp-prompt")
-                quick = gr.Dataset(samples=[[p] for p in QUICK_PROMPTS], label="Quick List", samples_per_page=1000,
-                                   components=[prompt])  # fmt: skip
-                quick.click(lambda x: x[0], inputs=[quick], outputs=prompt, show_progress="hidden", queue=False)
+        with gr.Tabs(elem_id="fp-kinds"):
+            with gr.Tab("Video", elem_id="fp-tab-video"):
                 with gr.Row():
-                    start = gr.Button("Start Generation", variant="primary", elem_id="fp-start")
-                    end = gr.Button("End Generation", interactive=False, elem_id="fp-end")
-                with gr.Group():
-                    with gr.Row():
-                        model = gr.Dropdown(list(queue.models), value=queue.default_model, label="Model",
-                                            elem_id="fp-model")  # fmt: skip
-                        resolution = gr.Dropdown(resolutions, value=_AUTO_RES, elem_id="fp-resolution",
-                                                 label="Resolution (bucket base, px)")  # fmt: skip
-                    widgets = [c.build() for c in controls if not c.advanced]
-                with gr.Accordion("Advanced", open=False):
-                    advanced = [c.build() for c in controls if c.advanced]
-                    end_image = None
-                    if "end_image" in uploads:
-                        end_image = gr.Image(sources=["upload"], type="numpy", label="End frame (original model)",
-                                             height=200, elem_id="fp-end-image")  # fmt: skip
-                    carried = gr.Markdown("")
-                ordered = [c for c in controls if not c.advanced] + [c for c in controls if c.advanced]
-                control_widgets = widgets + advanced
-                by_field = {c.field: w for c, w in zip(ordered, control_widgets)}
-                if "cache" in by_field and "cache_threshold" in by_field:  # .input: the user's picks, not a load
-                    by_field["cache"].input(switched_threshold, inputs=[by_field["cache"], by_field["cache_threshold"]],
-                                            outputs=[by_field["cache_threshold"]], show_progress="hidden",
-                                            queue=False)  # fmt: skip
-                lora_files = lora_choices(queue.lora_library())
-                with gr.Accordion("LoRA", open=False, elem_id="fp-lora"):
-                    lora_note = gr.Markdown(_lora_note(queue, lora_files), elem_id="fp-lora-folder")
-                    lora_rows: list[gr.components.Component] = []  # file, weight, file, weight, ...
-                    for i in range(LORA_ROWS):
+                    with gr.Column():
+                        image = gr.Image(sources=["upload"], type="numpy", label="Image", height=320,
+                                         elem_id="fp-image")  # fmt: skip
+                        prompt = gr.Textbox(label="Prompt", value="", elem_id="fp-prompt")
+                        quick = gr.Dataset(samples=[[p] for p in QUICK_PROMPTS], label="Quick List",
+                                           samples_per_page=1000, components=[prompt])  # fmt: skip
+                        quick.click(lambda x: x[0], inputs=[quick], outputs=prompt, show_progress="hidden", queue=False)
                         with gr.Row():
-                            lora_rows.append(gr.Dropdown(lora_files, value=LORA_NONE, label=f"LoRA {i + 1}",
-                                                         allow_custom_value=True, scale=3,
-                                                         elem_id=f"fp-lora-{i}"))  # fmt: skip
-                            lo, hi, step = LORA_WEIGHT
-                            lora_rows.append(gr.Slider(lo, hi, step=step, value=1.0, label="Weight", scale=2,
-                                                       elem_id=f"fp-lora-weight-{i}"))  # fmt: skip
-                    with gr.Row():
-                        lora_include = gr.Textbox(label="Only modules matching (regex)", elem_id="fp-lora-include",
-                                                  info=REQUEST_FIELDS["lora_include"].help)  # fmt: skip
-                        lora_exclude = gr.Textbox(label="Leave out modules matching (regex)", elem_id="fp-lora-exclude",
-                                                  info=REQUEST_FIELDS["lora_exclude"].help)  # fmt: skip
-                    rescan = gr.Button("Rescan the LoRA folder", size="sm", elem_id="fp-lora-rescan")
-                lora_inputs = [*lora_rows, lora_include, lora_exclude]
-            with gr.Column():
-                preview = gr.Image(label="Next Latents", height=200, visible=False, interactive=False)
-                video = gr.Video(label="Finished Frames", autoplay=True, loop=True, height=512, interactive=False,
-                                 buttons=["download"], elem_id="fp-video")  # fmt: skip
-                if schedule is not None and schedule.order_note:
-                    gr.Markdown(schedule.order_note)
-                desc = gr.Markdown("", elem_classes="no-generating-animation", elem_id="fp-progress-desc")
-                bar = gr.HTML("", elem_classes="no-generating-animation", elem_id="fp-progress-bar")
-                status = gr.Markdown("", elem_id="fp-status")
+                            start = gr.Button("Start Generation", variant="primary", elem_id="fp-start")
+                            end = gr.Button("End Generation", interactive=False, elem_id="fp-end")
+                        with gr.Group():
+                            with gr.Row():
+                                model = gr.Dropdown(list(queue.models), value=queue.default_model, label="Model",
+                                                    elem_id="fp-model")  # fmt: skip
+                                resolution = gr.Dropdown(resolutions, value=_AUTO_RES, elem_id="fp-resolution",
+                                                         label="Resolution (bucket base, px)")  # fmt: skip
+                            widgets = [c.build() for c in controls if not c.advanced]
+                        with gr.Accordion("Advanced", open=False):
+                            advanced = [c.build() for c in controls if c.advanced]
+                            end_image = None
+                            if "end_image" in uploads:
+                                end_image = gr.Image(sources=["upload"], type="numpy", height=200,
+                                                     label="End frame (original model)",
+                                                     elem_id="fp-end-image")  # fmt: skip
+                            carried = gr.Markdown("")
+                        ordered = [c for c in controls if not c.advanced] + [c for c in controls if c.advanced]
+                        control_widgets = widgets + advanced
+                        by_field = {c.field: w for c, w in zip(ordered, control_widgets)}
+                        if "cache" in by_field and "cache_threshold" in by_field:  # .input: the user's picks
+                            by_field["cache"].input(switched_threshold,
+                                                    inputs=[by_field["cache"], by_field["cache_threshold"]],
+                                                    outputs=[by_field["cache_threshold"]], show_progress="hidden",
+                                                    queue=False)  # fmt: skip
+                        lora_files = lora_choices(queue.lora_library())
+                        with gr.Accordion("LoRA", open=False, elem_id="fp-lora"):
+                            lora_note = gr.Markdown(_lora_note(queue, lora_files), elem_id="fp-lora-folder")
+                            lora_rows: list[gr.components.Component] = []  # file, weight, file, weight, ...
+                            for i in range(LORA_ROWS):
+                                with gr.Row():
+                                    lora_rows.append(gr.Dropdown(lora_files, value=LORA_NONE,
+                                                                 label=f"LoRA {i + 1}", allow_custom_value=True,
+                                                                 scale=3, elem_id=f"fp-lora-{i}"))  # fmt: skip
+                                    lo, hi, step = LORA_WEIGHT
+                                    lora_rows.append(gr.Slider(lo, hi, step=step, value=1.0, label="Weight",
+                                                               scale=2, elem_id=f"fp-lora-weight-{i}"))  # fmt: skip
+                            with gr.Row():
+                                lora_include = gr.Textbox(label="Only modules matching (regex)",
+                                                          elem_id="fp-lora-include",
+                                                          info=REQUEST_FIELDS["lora_include"].help)  # fmt: skip
+                                lora_exclude = gr.Textbox(label="Leave out modules matching (regex)",
+                                                          elem_id="fp-lora-exclude",
+                                                          info=REQUEST_FIELDS["lora_exclude"].help)  # fmt: skip
+                            rescan = gr.Button("Rescan the LoRA folder", size="sm", elem_id="fp-lora-rescan")
+                        lora_inputs = [*lora_rows, lora_include, lora_exclude]
+                    with gr.Column():
+                        preview = gr.Image(label="Next Latents", height=200, visible=False, interactive=False)
+                        video = gr.Video(label="Finished Frames", autoplay=True, loop=True, height=512,
+                                         interactive=False, buttons=["download"], elem_id="fp-video")  # fmt: skip
+                        if schedule is not None and schedule.order_note:
+                            gr.Markdown(schedule.order_note)
+                        desc = gr.Markdown("", elem_classes="no-generating-animation", elem_id="fp-progress-desc")
+                        bar = gr.HTML("", elem_classes="no-generating-animation", elem_id="fp-progress-bar")
+                        status = gr.Markdown("", elem_id="fp-status")
+            with gr.Tab("Frame edit", elem_id="fp-tab-edit"):
+                _edit_tab(queue)
         with gr.Tabs():
             with gr.Tab("Queue"):
-                queue_table = gr.Dataframe(headers=["job", "state", "model", "prompt", "progress"], value=[],
-                                           interactive=False, elem_id="fp-queue-table")  # fmt: skip
+                queue_table = gr.Dataframe(headers=QUEUE_HEADERS, value=[], interactive=False,
+                                           elem_id="fp-queue-table")  # fmt: skip
                 with gr.Row():
                     queue_pick = gr.Dropdown([], label="Queued or running job", elem_id="fp-queue-pick", scale=3)
                     cancel_btn = gr.Button("Cancel job", variant="stop", elem_id="fp-queue-cancel")
@@ -467,10 +612,8 @@ def build(queue: JobQueue, *, title: str = "FramePack") -> gr.Blocks:
                     down_btn = gr.Button("Move down", elem_id="fp-queue-down")
                     next_btn = gr.Button("Run next", elem_id="fp-queue-next")
             with gr.Tab("History"):
-                history_table = gr.Dataframe(
-                    headers=["job", "state", "model", "prompt", "seconds", "seed", "steps", "frames", "size",
-                             "peak VRAM GiB", "peak RAM GiB", "when", "error"],
-                    value=[], interactive=False, elem_id="fp-history-table")  # fmt: skip
+                history_table = gr.Dataframe(headers=HISTORY_HEADERS, value=[], interactive=False,
+                                             elem_id="fp-history-table")  # fmt: skip
                 with gr.Row():
                     hist_pick = gr.Dropdown([], label="Past job", elem_id="fp-history-pick", scale=3)
                     load_btn = gr.Button("Load settings", elem_id="fp-load")
@@ -571,7 +714,7 @@ def build(queue: JobQueue, *, title: str = "FramePack") -> gr.Blocks:
             except JobError as err:
                 return None, {"error": str(err)}, None
             files = [str(p) for p in _files(queue, job)]
-            video_path = next((f for f in files if f.endswith(".mp4")), None)
+            video_path = next((f for f in files if f.endswith(".mp4")), None)  # an edit's PNG is in the files
             info = {"state": job.state, "model": job.model, "params": job.params(), "options": job.options,
                     "result": job.result, "error": job.error, "resumable": job.resumable}  # fmt: skip
             cache = (_sidecar(queue, job) or {}).get("step_cache")
@@ -592,6 +735,9 @@ def build(queue: JobQueue, *, title: str = "FramePack") -> gr.Blocks:
             if not job_id:
                 raise gr.Error("Pick a past job first.")
             job = queue.get(job_id)
+            if job.kind != "video":
+                raise gr.Error(f"Job {job.id} is a frame edit: its settings are not a video's (re-run it through "
+                               "the API, or set the Frame edit tab to match).")  # fmt: skip
             values, rest = settings_of(job, tuple(ordered))
             res = job.request.get("resolution")
             img = queue.jobs_dir / job.id / INPUT
@@ -758,12 +904,103 @@ def _panels(queue: JobQueue, state: dict, q_value: str | None, h_value: str | No
 
 def _files(queue: JobQueue, job: Job) -> list[Path]:
     found = []
-    for kind in ("video", "metadata"):
+    for kind in ("video", "edit", "metadata"):
         try:
             found.append(queue.job_file(job.id, kind))
         except JobError:
             continue
     return found
+
+
+def _edit_tab(queue: JobQueue) -> None:
+    """The Frame edit tab's widgets and handlers (inside the page's Blocks); see the module docstring."""
+    from framepack.registry import REGISTRY
+
+    inverted = [m for m in queue.models if m not in REGISTRY or REGISTRY[m].schedule == "inverted"]
+    models = inverted or list(queue.models)  # an F1-only server: the engine's check says why edits fail
+    first = preset_values("edit")
+
+    def picture(label: str, elem_id: str) -> tuple[gr.components.Component, gr.components.Component]:
+        editor = gr.ImageEditor(type="numpy", sources=["upload"], label=label, height=320, layers=False,
+                                transforms=(), format="png", brush=gr.Brush(colors=["#ff3366"], color_mode="fixed"),
+                                elem_id=elem_id)  # fmt: skip
+        mask = gr.Image(type="filepath", sources=["upload"], label="Mask file (optional; white = keep)", height=140,
+                        elem_id=f"{elem_id}-mask")  # fmt: skip
+        return editor, mask
+
+    session = gr.State({"jobs": []})
+    shown = gr.State({})
+    with gr.Row():
+        with gr.Column():
+            gr.Markdown("One frame: the start image some time later, following the prompt, optionally with "
+                        "reference images (kisekaeichi: outfit transfer). Paint over what the model should use "
+                        "(nothing painted: the whole image), or upload a mask file. Original model only.")  # fmt: skip
+            start_image, start_mask = picture("Start image", "fp-edit-image")
+            prompt = gr.Textbox(label="Prompt", value="", elem_id="fp-edit-prompt",
+                                info="What the edited frame shows (one prompt).")  # fmt: skip
+            refs: list[gr.components.Component] = []  # picture, index, mask per row
+            ref_indices = []
+            for row in range(1, 1 + EDIT_REFERENCES):
+                with gr.Accordion(f"Reference image {row}", open=False, elem_id=f"fp-edit-ref-{row}-box"):
+                    editor, mask = picture(f"Reference image {row}", f"fp-edit-ref-{row}")
+                    index = gr.Number(first[3 + row], precision=0, label="RoPE index (empty: after the previous image)",
+                                      minimum=0, maximum=100, elem_id=f"fp-edit-ref-{row}-index")  # fmt: skip
+                refs += [editor, index, mask]
+                ref_indices.append(index)
+            with gr.Row():
+                start = gr.Button("Start Edit", variant="primary", elem_id="fp-edit-start")
+                model = gr.Dropdown(models, value=queue.default_model if queue.default_model in models else models[0],
+                                    label="Model", elem_id="fp-edit-model")  # fmt: skip
+            preset = gr.Dropdown(list(EDIT_PRESETS), value="edit", label="Preset", elem_id="fp-edit-preset",
+                                 info="; ".join(f"{k}: {v.help}" for k, v in EDIT_PRESETS.items()))  # fmt: skip
+            lo, hi, step = EDIT_FIELDS["target_index"].slider
+            target = gr.Slider(lo, hi, step=step, value=first[0], label="Target index",
+                               info=EDIT_FIELDS["target_index"].help, elem_id="fp-edit-target")  # fmt: skip
+            with gr.Row():
+                switches = [gr.Checkbox(value=v, label=label, info=EDIT_FIELDS[f].help, elem_id=f"fp-edit-{f}")
+                            for f, label, v in (("no_2x", "No 2x context", first[1]),
+                                                ("no_4x", "No 4x context", first[2]),
+                                                ("no_post", "No zero post latent", first[3]))]  # fmt: skip
+            with gr.Row():
+                seed = gr.Number(GenerationRequest.seed, precision=0, label="Seed", elem_id="fp-edit-seed")
+                lo, hi, step = REQUEST_FIELDS["steps"].slider
+                steps = gr.Slider(lo, hi, step=step, value=GenerationRequest.steps, label="Steps",
+                                  elem_id="fp-edit-steps")  # fmt: skip
+        with gr.Column():
+            status = gr.Markdown("", elem_id="fp-edit-status")
+            gallery = gr.Gallery(label="Finished edits (newest first)", columns=3, height=560, interactive=False,
+                                 elem_id="fp-edit-gallery")  # fmt: skip
+    preset.input(preset_values, inputs=[preset], outputs=[target, *switches, *ref_indices], show_progress="hidden",
+                 queue=False)  # fmt: skip
+
+    def on_start(start_value, start_mask_file, *rest):
+        rows = [tuple(rest[i : i + 3]) for i in range(0, 3 * EDIT_REFERENCES, 3)]
+        text, preset_name, target_index, no_2x, no_4x, no_post, seed_value, steps_value, model_name, state = rest[
+            3 * EDIT_REFERENCES :]  # fmt: skip
+        try:
+            image, params, uploads = edit_submission(start_value, start_mask_file, rows, text, preset_name,
+                                                     target_index, no_2x, no_4x, no_post, seed_value,
+                                                     steps_value)  # fmt: skip
+            job = queue.submit(image, params, model=model_name, uploads=uploads)
+        except (ValueError, JobError) as err:  # RequestError / ImageError: the user's to fix
+            raise gr.Error(str(err)) from None
+        where = "starts now" if job.position == 0 and not _busy(queue) else f"is queued (#{job.position + 1})"
+        return {**state, "jobs": [*state.get("jobs", []), job.id]}, f"Edit job `{job.id}` {where}."
+
+    start.click(on_start, inputs=[start_image, start_mask, *refs, prompt, preset, target, *switches, seed, steps,
+                                  model, session], outputs=[session, status], concurrency_limit=None)  # fmt: skip
+
+    def on_tick(state, seen):
+        text, items = edit_status(queue, state), edit_gallery(queue)
+        out = [gr.skip(), gr.skip()]
+        if text != seen.get("status"):
+            out[0] = text
+        if items != seen.get("gallery"):
+            out[1] = items
+        return [*out, {"status": text, "gallery": items}]
+
+    gr.Timer(1.0).tick(on_tick, inputs=[session, shown], outputs=[status, gallery, shown], show_progress="hidden",
+                       concurrency_limit=None)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------- serving

@@ -115,7 +115,7 @@ def _latent_mask(n: int, mask: str | None, picture, shape: tuple[int, int], size
             notes.append(f"the mask of {what} is {pixels.shape[1]}x{pixels.shape[0]}, its image "
                          f"{shape[1]}x{shape[0]}: resized to the image")  # fmt: skip
             pixels = np.array(Image.fromarray(pixels).resize((shape[1], shape[0]), Image.Resampling.BILINEAR))
-    elif isinstance(picture, (str, os.PathLike)) and (alpha := image_alpha(picture)) is not None:
+    elif (alpha := image_alpha(picture)) is not None:  # a file or an RGBA array
         pixels = alpha
         notes.append(f"{what} has transparency: its alpha channel is its mask")
     else:

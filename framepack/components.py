@@ -269,6 +269,10 @@ def load_components(
     transformer = load_transformer(paths["transformer"], dtype=t_dtype, device=host, attention=attention)
     if options.fp8:
         quantize_fp8_(transformer, compute_dtype=t_dtype)
+    if options.compile:
+        from framepack.models.compile import compile_blocks
+
+        compile_blocks(transformer)
     return Components(
         spec=spec,
         paths=paths,

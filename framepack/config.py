@@ -573,6 +573,7 @@ def framepack_home() -> Path:
 
 
 MEMORY_MODES = ("auto", "managed", "off")
+FP8_MODES = ("storage", "compute")  # fp8 weights dequantised to bf16 for each matmul / fp8 matmuls (Hopper+)
 
 
 @dataclass(frozen=True)
@@ -580,13 +581,18 @@ class RuntimeOptions:
     """How the engine uses the machine (not what it generates)."""
 
     preserved_memory_gb: float | None = None  # device memory to leave free; None = automatic
-    fp8: bool = False  # store the transformer blocks' weights as fp8 (halves their memory; lossy)
+    fp8: str | None = None  # the blocks' weights in fp8 (halve their memory; lossy): FP8_MODES (True = "storage")
     keep_text_encoders: bool = False  # keep LLaMA + CLIP after encoding (more RAM, faster new prompts)
     memory: str = "auto"  # "auto": manage device memory on accelerators; "managed": also on the CPU; "off"
     device_free_bytes: int | None = None  # pretend this much device memory is free (tests, planning)
     lora_dir: str | None = None  # where bare LoRA names and hashes are looked up (default <FRAMEPACK_HOME>/loras)
+    compile: bool = False  # torch.compile the transformer's block classes (regional: each class once)
 
     def __post_init__(self) -> None:
+        if isinstance(self.fp8, bool):  # the earlier on/off switch
+            object.__setattr__(self, "fp8", "storage" if self.fp8 else None)
+        if self.fp8 is not None and self.fp8 not in FP8_MODES:
+            raise RequestError(f"fp8 must be one of {', '.join(FP8_MODES)} (or off), got {self.fp8!r}")
         if self.memory not in MEMORY_MODES:
             raise RequestError(f"memory must be one of {MEMORY_MODES}, got {self.memory!r}")
         if self.preserved_memory_gb is not None and not 0 <= self.preserved_memory_gb <= 1024:

@@ -46,6 +46,12 @@ def fmt_bytes(n: float) -> str:
     return f"{n / 1024:.1f} KiB"
 
 
+def _eager(hook):
+    """A module hook that always runs eagerly: under a compiled block (framepack.models.compile) dynamo
+    would otherwise trace the streamer's bookkeeping into the graph and recompile for every block index."""
+    return torch.compiler.disable(hook)
+
+
 class Mode(str, Enum):
     RESIDENT = "resident"  # on the device for the whole job
     SWAP = "swap"  # moved to the device for its phase, evicted after
@@ -396,8 +402,8 @@ class BlockStreamer:
         self.ready = [torch.cuda.Event() if cuda else None for _ in range(self.n_slots)]
         self.free = [torch.cuda.Event() if cuda else None for _ in range(self.n_slots)]
         for i, block in enumerate(self.streamed):
-            self.handles.append(block.register_forward_pre_hook(lambda m, a, i=i: self._before(i)))
-            self.handles.append(block.register_forward_hook(lambda m, a, o, i=i: self._after(i)))
+            self.handles.append(block.register_forward_pre_hook(_eager(lambda m, a, i=i: self._before(i))))
+            self.handles.append(block.register_forward_hook(_eager(lambda m, a, o, i=i: self._after(i))))
         self._prefetch(0)
 
     def detach(self) -> None:
@@ -473,8 +479,8 @@ class SwapStreamer:
         for r in self.resident:
             r.load()
         for block, slot in self.streamed:
-            self.handles.append(block.register_forward_pre_hook(lambda m, a, s=slot: self._load(s)))
-            self.handles.append(block.register_forward_hook(lambda m, a, o, s=slot: s.evict()))
+            self.handles.append(block.register_forward_pre_hook(_eager(lambda m, a, s=slot: self._load(s))))
+            self.handles.append(block.register_forward_hook(_eager(lambda m, a, o, s=slot: s.evict())))
 
     def _load(self, slot: ModelSlot) -> None:
         slot.load()

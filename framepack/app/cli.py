@@ -75,7 +75,7 @@ def add_run_args(p: argparse.ArgumentParser, loras) -> None:
         metavar="GB",
         help="device memory to leave free (official default 6; default: automatic)",
     )
-    p.add_argument("--fp8", action="store_true", help="store transformer block weights in fp8 (half the memory; lossy)")
+    _add_speed_args(p)
     p.add_argument("--keep-text-encoders", action="store_true", help="keep LLaMA/CLIP loaded after encoding")
     p.add_argument("--memory", choices=["auto", "managed", "off"], default="auto",
                    help="device memory management (auto: on accelerators)")  # fmt: skip
@@ -87,6 +87,18 @@ def _add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cuda, cpu or mps (default: cuda when available)")
     p.add_argument("--models-dir", help="local copies of the weight repos, laid out as DIR/<org>/<name>")
     p.add_argument("--offline", action="store_true", help="never download; use cached or local weights only")
+
+
+def _add_speed_args(p: argparse.ArgumentParser) -> None:
+    """fp8 and compile: how the transformer computes (generate, edit, serve/ui)."""
+    from framepack.config import FP8_MODES
+
+    p.add_argument("--fp8", nargs="?", const="storage", choices=FP8_MODES, default=None,
+                   help="transformer block weights in fp8 (half the memory; lossy): storage = dequantised to bf16 "
+                   "for each matmul (any GPU; the default of a bare --fp8), compute = fp8 matmuls (Hopper and "
+                   "later; elsewhere an exact emulation of their rounding, slower)")  # fmt: skip
+    p.add_argument("--compile", action="store_true", help="torch.compile the transformer's block classes (each "
+                   "class compiled once, shared by its blocks; the first section pays the compile time)")  # fmt: skip
 
 
 def _add_request_flag(p, name: str, info, default, kind) -> None:
@@ -279,7 +291,7 @@ def load_for(args: argparse.Namespace, model: str):
     print(f"loading model {model!r} ...", file=sys.stderr)
     options = RuntimeOptions(preserved_memory_gb=args.preserved_memory, fp8=args.fp8,
                              keep_text_encoders=args.keep_text_encoders, memory=args.memory,
-                             lora_dir=args.lora_dir)  # fmt: skip
+                             lora_dir=args.lora_dir, compile=args.compile)  # fmt: skip
     return load_pipeline(model, device=args.device, models_dir=args.models_dir, download=not args.offline,
                          options=options)  # fmt: skip
 
@@ -431,7 +443,7 @@ def _add_app_args(p: argparse.ArgumentParser, *, port: int) -> None:
     p.add_argument("--max-upload-mb", type=float, default=32, help="largest accepted image upload (default 32)")
     _add_device_args(p)
     p.add_argument("--preserved-memory", type=float, metavar="GB", help="device memory to leave free (default auto)")
-    p.add_argument("--fp8", action="store_true", help="store transformer block weights in fp8 (half the memory; lossy)")
+    _add_speed_args(p)
     p.add_argument("--memory", choices=["auto", "managed", "off"], default="auto", help="device memory management")
     p.add_argument("--lora-dir", help="folder of LoRA files offered by the UI's picker and searched for bare "
                    "names and recorded hashes (default <FRAMEPACK_HOME>/loras)")  # fmt: skip
@@ -452,7 +464,7 @@ def _open_queue(args: argparse.Namespace):
     if args.offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
     options = RuntimeOptions(preserved_memory_gb=args.preserved_memory, fp8=args.fp8, memory=args.memory,
-                             lora_dir=args.lora_dir)  # fmt: skip
+                             lora_dir=args.lora_dir, compile=args.compile)  # fmt: skip
 
     def loader(model: str):
         from framepack.pipeline import load_pipeline

@@ -268,7 +268,7 @@ def load_components(
     quiet_transformers()
     transformer = load_transformer(paths["transformer"], dtype=t_dtype, device=host, attention=attention)
     if options.fp8:
-        quantize_fp8_(transformer, compute_dtype=t_dtype)
+        quantize_fp8_(transformer, compute_dtype=t_dtype, mode=options.fp8, device=device)
     if options.compile:
         from framepack.models.compile import compile_blocks
 

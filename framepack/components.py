@@ -125,6 +125,17 @@ class Components:
             "guidance": torch.tensor([guidance * 1000.0], device=dev, dtype=dt),  # bf16: 10000 -> 9984
         }
 
+    def speed(self) -> dict:
+        """How the transformer computes (for the sidecar): fp8 mode and kernels, regional compile."""
+        from framepack.models.compile import is_compiled
+
+        out: dict = {"fp8": self.options.fp8, "compile": is_compiled(self.transformer)}
+        if self.options.fp8:
+            from framepack.models.quant import fp8_report
+
+            out["fp8_kernels"] = fp8_report(self.transformer)
+        return out
+
     # ---------------------------------------------------------------------------- LoRAs
     @functools.cached_property
     def lora_targets(self):

@@ -209,7 +209,7 @@ class EditRun(JobRun):
             request = dataclasses.replace(request, loras=tuple(lo.ref for lo in self.loras))
         return RunInfo(request, self.pipe.spec, self.device, self.c.transformer.dtype, None,
                        self.cache.report() if self.cache else None, self.memory.describe(), None,
-                       self.lora_reports)  # fmt: skip
+                       self.lora_reports, self.c.speed())  # fmt: skip
 
 
 def _write_png(path: Path, pixels: np.ndarray, run: RunInfo) -> None:

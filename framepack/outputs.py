@@ -193,6 +193,7 @@ class RunInfo:
     memory_plan: str | None
     error: str | None  # "Type: message" of what stopped a failed job
     loras: list[dict] | None = None  # framepack.lora.LoadedLora.describe() of each merged LoRA
+    speed: dict | None = None  # how the transformer computed: {"fp8": None | "storage" | "compute", "compile": bool}
 
 
 def run_metadata(status: str, run: RunInfo) -> dict:
@@ -217,6 +218,7 @@ def run_metadata(status: str, run: RunInfo) -> dict:
         "step_cache": cache,
         "loras": run.loras or [],
         "memory_plan": run.memory_plan,
+        "speed": run.speed,
         "device": str(run.device),
         "dtype": str(run.dtype).replace("torch.", ""),
         "versions": {

@@ -478,7 +478,7 @@ class JobRun:
         write_metadata(result, RunInfo(
             request, self.pipe.spec, self.device, self.c.transformer.dtype,
             self.writer.effective_crf if self.writer else None, self.cache.report() if self.cache else None,
-            self.memory.describe(), error, self.lora_reports,
+            self.memory.describe(), error, self.lora_reports, self.c.speed(),
         ))  # fmt: skip
         if self.status == "finished":
             self.emit(Finished(result))

@@ -132,3 +132,5 @@ def test_generation_compiles_once_and_matches_eager(home, start_image, tmp_path,
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
     reports = [json.loads(r.metadata.read_text())["step_cache"] for r in (eager, compiled)]
     assert reports[0] == reports[1] and 0 < reports[0]["computed"] < reports[0]["calls"]
+    assert json.loads(compiled.metadata.read_text())["speed"] == {"fp8": None, "compile": True}
+    assert json.loads(eager.metadata.read_text())["speed"] == {"fp8": None, "compile": False}

@@ -3,17 +3,22 @@ installed by .ci/run) driven by Playwright uploads an image, types a prompt, sta
 progress text change and a playable <video>, queues a second job and cancels it from the queue panel.
 A screenshot is saved to $FRAMEPACK_TEST_ARTIFACTS (default outputs/test-artifacts/ui_browser.png).
 Also: the controls keep the official defaults and ranges, and settings round-trip through a job. In the
-browser, the step cache selector moves the threshold slider to the chosen cache's default."""
+browser, the step cache selector moves the threshold slider to the chosen cache's default, and the Frame
+edit tab queues a kisekaeichi edit (start and reference image, the preset's layout) whose image the
+gallery shows (screenshot: ui_edit.png)."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from apphelpers import FAST, ThreadServer, home, png_bytes, tiny_loader, wait_until
+from PIL import Image
 
 from framepack.app import ui
 from framepack.app.api import create_app
@@ -87,11 +92,13 @@ def _browser():
     return sync_playwright
 
 
-def test_ui_in_a_real_browser(tmp_path):
+@contextmanager
+def _served_page(outputs: Path, screenshot: str) -> Iterator[tuple]:
+    """(page, server URL, queue): headless Chromium on the page of a server for a tiny-model queue in
+    `outputs`. However the test ends, a full-page screenshot goes to ARTIFACTS / `screenshot`, then the
+    browser, the server and the queue (its unfinished jobs cancelled) are closed."""
     sync_playwright = _browser()
-    image = tmp_path / "start.png"
-    image.write_bytes(png_bytes(size=96))
-    queue = JobQueue(tmp_path / "outputs", loader=tiny_loader, models=["tiny", "tiny-f1"])
+    queue = JobQueue(outputs, loader=tiny_loader, models=["tiny", "tiny-f1"])
     app = create_app(queue)
     ui.mount(app, queue)
     server = ThreadServer(app)
@@ -101,15 +108,22 @@ def test_ui_in_a_real_browser(tmp_path):
             browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
             page = browser.new_page(viewport={"width": 1300, "height": 1700})
             try:
-                _drive(page, server.url, image, queue)
+                yield page, server.url, queue
             finally:
-                page.screenshot(path=str(ARTIFACTS / "ui_browser.png"), full_page=True)
+                page.screenshot(path=str(ARTIFACTS / screenshot), full_page=True)
                 browser.close()
     finally:
         server.stop()
         for job in queue.list(["queued", "running"]):
             queue.cancel(job.id)
         queue.close()
+
+
+def test_ui_in_a_real_browser(tmp_path):
+    image = tmp_path / "start.png"
+    image.write_bytes(png_bytes(size=96))
+    with _served_page(tmp_path / "outputs", "ui_browser.png") as (page, url, queue):
+        _drive(page, url, image, queue)
     assert (ARTIFACTS / "ui_browser.png").stat().st_size > 10_000
 
 
@@ -197,3 +211,84 @@ def _drive(page, url: str, image: Path, queue: JobQueue) -> None:
     page.locator("#fp-cache label", has_text="MagCache").click()
     page.wait_for_timeout(500)
     assert float(threshold.input_value()) == 0.3 and page.locator("#fp-cache input[value=magcache]").is_checked()
+
+
+# [src, alt] of each loaded picture in the Frame edit gallery
+GALLERY_IMAGES = ("() => [...document.querySelectorAll('#fp-edit-gallery img')]"
+                  ".filter(i => i.complete && i.naturalWidth > 0).map(i => [i.src, i.alt])")  # fmt: skip
+
+
+def test_frame_edit_tab_in_a_real_browser(tmp_path):
+    start, reference = tmp_path / "start.png", tmp_path / "reference.png"
+    start.write_bytes(png_bytes(size=96, seed=1))
+    reference.write_bytes(png_bytes(size=96, seed=2))
+    with _served_page(tmp_path / "outputs", "ui_edit.png") as (page, url, queue):
+        page.goto(url + "/")
+        page.wait_for_selector("#fp-start", timeout=30_000)
+        page.get_by_role("tab", name="Frame edit").click()
+        page.wait_for_selector("#fp-edit-start", state="visible", timeout=10_000)
+        _upload_picture(page, "#fp-edit-image", start)
+
+        # The preset sets the layout: kisekaeichi edits frame 1 with the reference at RoPE index 10.
+        target = page.locator("#fp-edit-target input[type=number]")
+        assert target.input_value() == "9"  # the "edit" preset's: the window
+        page.locator("#fp-edit-preset input").click()
+        page.get_by_role("option", name="kisekaeichi").click()
+        wait_until(lambda: target.input_value() == "1", 10, "the kisekaeichi target index on the slider")
+        assert page.locator("#fp-edit-target input[type=range]").input_value() == "1"
+        for switch in ("no_2x", "no_4x", "no_post"):
+            assert page.locator(f"#fp-edit-{switch} input[type=checkbox]").is_checked(), switch
+        page.locator("#fp-edit-ref-1-box > button").click()  # the reference rows start folded
+        assert page.locator("#fp-edit-ref-1-index input").input_value() == "10"
+        _upload_picture(page, "#fp-edit-ref-1", reference)
+
+        page.locator("#fp-edit-prompt textarea").fill("a red dress")
+        steps = page.locator("#fp-edit-steps input[type=number]")
+        steps.fill("2")
+        steps.press("Enter")
+        page.wait_for_timeout(300)
+        page.click("#fp-edit-start")
+        status = page.locator("#fp-edit-status")
+        job = wait_until(lambda: next(iter(queue.list()), None), 20, "the edit job to be queued")
+        wait_until(lambda: f"Edit job {job.id}" in status.inner_text(), 10, "the page to name the edit job")
+        done = queue.wait(job.id, 60)
+        assert done.state == "done", done.error
+
+        # What the browser sent, as stored: an edit with the preset's layout and the one reference.
+        request = done.request
+        assert (request["kind"], request["preset"], request["target_index"]) == ("edit", "kisekaeichi", 1)
+        assert (request["prompt"], request["steps"]) == ("a red dress", 2)
+        assert request["controls"] == [{"image": "control_2.png", "index": 10, "mask": None}]
+        assert request["image_mask"] is None  # nothing painted: the whole pictures count
+        assert (request["no_2x"], request["no_4x"], request["no_post"]) == (True, True, True)
+        result = queue.job_file(job.id, "edit")
+        assert result.exists() and result.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        with Image.open(result) as im:
+            assert im.size == (done.result["width"], done.result["height"])
+
+        # The gallery shows that very image, loaded, captioned with the job id; the status says it finished.
+        shown = wait_until(lambda: page.evaluate(GALLERY_IMAGES), 20, "an image in the edit gallery", interval=0.2)
+        ((src, alt),) = shown
+        assert src.endswith("/edit.png") and alt.startswith(job.id), shown
+        assert page.request.get(src).body() == result.read_bytes()
+        wait_until(lambda: "Finished" in status.inner_text(), 10, "the finished status line")
+    assert (ARTIFACTS / "ui_edit.png").stat().st_size > 10_000
+
+
+def _upload_picture(page, editor: str, path: Path) -> None:
+    """Upload a picture into an empty gr.ImageEditor and wait until it holds it: its Pan tool, absent or
+    disabled while the editor is empty, is enabled. The editor drops a file given before its canvas is
+    set up, so first wait for its toolbar (the zoom level), which it shows once it is."""
+    page.locator(f"{editor} .zoom-number").wait_for(state="visible", timeout=10_000)
+    pan = page.locator(f"{editor} button[aria-label=Pan]:not([disabled])")
+    assert pan.count() == 0, f"{editor} already holds a picture"
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    for attempt in range(3):  # a file the editor drops (its canvas still settling) is given again
+        page.locator(f"{editor} input[type=file]").set_input_files(str(path))
+        try:
+            pan.wait_for(state="visible", timeout=5_000 * (attempt + 1))
+            return
+        except PlaywrightTimeout:
+            if attempt == 2:
+                raise

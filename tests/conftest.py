@@ -11,6 +11,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    """A fresh FRAMEPACK_HOME for one test module (its tiny family, prompt cache, LoRA folder)."""
+    path = tmp_path_factory.mktemp("framepack-home")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FRAMEPACK_HOME", str(path))
+    yield path
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def pipe(home):
+    """The tiny model on the CPU, loaded once per test module (in its own FRAMEPACK_HOME)."""
+    from framepack.pipeline import load_pipeline
+
+    return load_pipeline("tiny", device="cpu")
+
+
 # Frame-index layouts at latent window 9, copied from spec §3.1/§3.2 by hand (not from our schedules).
 LAYOUTS = {
     # original (inverted): [pre | blank P | window | post | 2x | 4x], padding p=0 and p=3

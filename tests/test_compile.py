@@ -21,15 +21,6 @@ from framepack.pipeline import load_pipeline
 from framepack.sections import section_count
 
 
-@pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    path = tmp_path_factory.mktemp("framepack-home")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("FRAMEPACK_HOME", str(path))
-    yield path
-    mp.undo()
-
-
 def _model(cfg=TINY, seed=0) -> FramePackTransformer:
     torch.manual_seed(seed)
     m = FramePackTransformer(cfg).eval()

@@ -30,15 +30,6 @@ FAST = dict(prompt="a green square moves right", steps=2, seconds=1.2, teacache=
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    path = tmp_path_factory.mktemp("lora-home")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("FRAMEPACK_HOME", str(path))
-    yield path
-    mp.undo()
-
-
-@pytest.fixture(scope="module")
 def loras(home):
     folder = home / "loras"
     folder.mkdir()

@@ -17,7 +17,6 @@ from conftest import assert_same_file
 from framepack.cachetables import calibrate, find_table, save_table
 from framepack.config import GenerationRequest
 from framepack.models.caches import MAGCACHE_RATIOS, BlockStack, MagCache, MagCalibrator, resample_ratios
-from framepack.pipeline import load_pipeline
 from framepack.registry import get_spec
 
 C, S = True, False
@@ -97,20 +96,6 @@ def test_resampling_by_nearest_index():
     assert resample_ratios(table, 10) == (0.0, 3.0, 5.0, 8.0, 11.0, 13.0, 16.0, 19.0, 21.0, 24.0)
     assert resample_ratios(table, 1) == (0.0,)
     assert len(MAGCACHE_RATIOS["inverted"]) == len(MAGCACHE_RATIOS["forward"]) == 25
-
-
-@pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    path = tmp_path_factory.mktemp("mag-home")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("FRAMEPACK_HOME", str(path))
-    yield path
-    mp.undo()
-
-
-@pytest.fixture(scope="module")
-def pipe(home):
-    return load_pipeline("tiny", device="cpu")
 
 
 def _image() -> np.ndarray:

@@ -33,20 +33,6 @@ TABLES = {
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    path = tmp_path_factory.mktemp("framepack-home")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("FRAMEPACK_HOME", str(path))
-    yield path
-    mp.undo()
-
-
-@pytest.fixture(scope="module")
-def pipe(home):
-    return load_pipeline("tiny", device="cpu")
-
-
-@pytest.fixture(scope="module")
 def pictures(tmp_path_factory):
     d = tmp_path_factory.mktemp("pictures")
     rng = np.random.default_rng(0)

@@ -5,7 +5,8 @@
 #
 # Installs the wheels carried in .whl/ (diffusers, PyAV, sageattention: not in that machine's image) into
 # /tmp/site, prints the GPU and the versions, then runs the suite with its log tee'd to $OUT. Results:
-# $OUT/gpu_suite.json (rewritten after every row), $OUT/gpu_suite.log, $OUT/env.txt.
+# $OUT/gpu_suite.json (rewritten after every row), $OUT/gpu_suite.log, $OUT/gpu_tests.log, $OUT/env.txt.
+# One device call: run(command="bash benchmarks/gpu_suite.sh --budget 420", carry=[".whl"], timeout_s=560).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -36,5 +37,9 @@ print("cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version() if tor
 PYEOF
     free -g | head -2
 } 2>&1 | tee "$OUT/env.txt"
+# The CUDA-only tests first (marker gpu: the block streamer's streams and events, every attention backend vs
+# SDPA, fp8 compute vs its emulation), capped at 75 s so the suite keeps its budget.
+timeout 75 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_quant.py tests/test_attention.py \
+    2>&1 | tail -n 25 | tee "$OUT/gpu_tests.log"
 PYTHONUNBUFFERED=1 "$PY" benchmarks/gpu_suite.py --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu_suite.log"
 exit "${PIPESTATUS[0]}"

@@ -29,6 +29,23 @@ def pipe(home):
     return load_pipeline("tiny", device="cpu")
 
 
+def force_streamed_transformer(monkeypatch) -> None:
+    """Make every job's memory plan stream the transformer's blocks (the other models resident),
+    whatever the device's free memory: the block streamer runs even for the tiny model."""
+    import framepack.components as comp
+    from framepack.memory import Mode, Placement, Plan
+
+    real_plan = comp.plan_memory
+
+    def streamed(footprints, **kw):
+        plan = real_plan(footprints, **kw)
+        placed = {f.name: Placement(Mode("stream" if f.name == "transformer" else "resident"), 1, 0, 2)
+                  for f in footprints}  # fmt: skip
+        return Plan(plan.budget_bytes, placed)
+
+    monkeypatch.setattr(comp, "plan_memory", streamed)
+
+
 # Frame-index layouts at latent window 9, copied from spec §3.1/§3.2 by hand (not from our schedules).
 LAYOUTS = {
     # original (inverted): [pre | blank P | window | post | 2x | 4x], padding p=0 and p=3

@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import make_inputs
+from conftest import force_streamed_transformer, make_inputs
 from PIL import Image
 
 from framepack.config import TINY, GenerationRequest, RuntimeOptions
@@ -80,20 +80,10 @@ def test_generation_compiles_once_and_matches_eager(home, start_image, tmp_path,
     latents equal the eager run's (to rounding: the MP4 codec would turn a 1e-6 difference into a
     different encoding) and TeaCache skips the same steps. `managed`: the transformer's blocks are
     streamed (a forced plan: every block copied in before it runs)."""
-    import framepack.components as comp
     import framepack.vae as vae_mod
-    from framepack.memory import Mode, Placement, Plan
 
     if memory == "managed":
-        real_plan = comp.plan_memory
-
-        def streamed(footprints, **kw):
-            plan = real_plan(footprints, **kw)
-            placed = {f.name: Placement(Mode("stream" if f.name == "transformer" else "resident"), 1, 0, 2)
-                      for f in footprints}  # fmt: skip
-            return Plan(plan.budget_bytes, placed)
-
-        monkeypatch.setattr(comp, "plan_memory", streamed)
+        force_streamed_transformer(monkeypatch)
 
     seen, real = [], vae_mod.decode
     monkeypatch.setattr(vae_mod, "decode", lambda m, latents, **k: (seen.append(latents.clone()), real(m, latents,

@@ -167,8 +167,14 @@ def test_fp8_compute_model_error_against_bf16(models, compute_model):
 
     cfg, ref, q, _ = models
     kw = make_inputs(cfg, "f1", seed=3, dtype=torch.bfloat16)
+    ran = set()  # every FP8Linear must run its own (fp8) matmul: none may be read as a plain weight
+    hooks = [m.register_forward_hook(lambda mod, i, o, name=name: ran.add(name))
+             for name, m in compute_model.named_modules() if isinstance(m, FP8Linear)]  # fmt: skip
     with torch.no_grad():
         a, b, c = ref(**kw).sample.float(), q(**kw).sample.float(), compute_model(**kw).sample.float()
+    for h in hooks:
+        h.remove()
+    assert ran == {n for n, m in compute_model.named_modules() if isinstance(m, FP8Linear)}
     storage, compute = ((a - b).norm() / a.norm()).item(), ((a - c).norm() / a.norm()).item()
     print(f"velocity relative L2 vs bf16: fp8 storage {storage:.4f}, fp8 compute {compute:.4f}")
     assert 0 < storage < compute < 0.15

@@ -70,6 +70,17 @@ def _gated_add(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Te
     return torch.addcmul(x, y, gate)
 
 
+def _linear_of_joined(linear: nn.Module, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """linear(cat([a, b], -1)). A plain Linear does it as two matmuls on column blocks of its weight (no
+    concatenated copy); a replacement attached from outside (an fp8 Linear that runs its own matmul)
+    gets the joined input, so its own kernel does all of it."""
+    if type(linear) is not nn.Linear:
+        return linear(torch.cat([a, b], -1))
+    d, w = a.shape[-1], linear.weight
+    out = F.linear(a, w[:, :d], linear.bias)
+    return out.add_(F.linear(b, w[:, d:])) if _inference() else out + F.linear(b, w[:, d:])
+
+
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.unflatten(-1, (heads, -1))  # (B, L, H*D) -> (B, L, H, D)
 
@@ -311,11 +322,7 @@ class _SingleBlock(nn.Module):
         mlp = self.proj_mlp(nq)
         mlp = torch.ops.aten.gelu_(mlp, approximate="tanh") if _inference() else F.gelu(mlp, approximate="tanh")
         o = attend(q, k, v, padding).flatten(2)  # (B, rows, D)
-        # proj_out(cat(attn, mlp)) as two matmuls on column blocks of its weight: no concatenation.
-        d, w = o.shape[-1], self.proj_out.weight
-        out = F.linear(o, w[:, :d], self.proj_out.bias)
-        out = out.add_(F.linear(mlp, w[:, d:])) if _inference() else out + F.linear(mlp, w[:, d:])
-        return _gated_add(x if keep is None else x[:, keep], out, gate)
+        return _gated_add(x if keep is None else x[:, keep], _linear_of_joined(self.proj_out, o, mlp), gate)
 
 
 class _HistoryEmbed(nn.Module):

@@ -56,6 +56,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))  # benchmarks/memory.py's copy-on-access baseline
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here is downloaded; fail fast if something tries
 
 GiB = 2**30
@@ -666,34 +667,6 @@ def sec_fp8(s: Suite, rows: list) -> None:
         s.drop_model()
 
 
-class _CopyOnAccess:
-    """The official DynamicSwap, re-created: parameters stay on the host and every attribute access
-    returns a fresh device copy (freed after use). `remove` restores the classes."""
-
-    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
-        self.originals = []
-        for m in model.modules():
-            cls = m.__class__
-
-            def getattr_(self, name, _cls=cls, _dev=device):
-                params = self.__dict__["_parameters"]
-                if name in params:
-                    p = params[name]
-                    return None if p is None else torch.nn.Parameter(p.to(_dev, non_blocking=True), requires_grad=False)
-                buffers = self.__dict__["_buffers"]
-                if name in buffers:
-                    b = buffers[name]
-                    return None if b is None else b.to(_dev, non_blocking=True)
-                return _cls.__getattr__(self, name)
-
-            m.__class__ = type(f"CopyOnAccess_{cls.__name__}", (cls,), {"__getattr__": getattr_})
-            self.originals.append((m, cls))
-
-    def remove(self) -> None:
-        for m, cls in self.originals:
-            m.__class__ = cls
-
-
 def _transfer_seconds(flats: list, dev: torch.device) -> float:
     """Seconds to copy these blocks' host buffers to the device once (into one reused scratch buffer)."""
     sizes: dict[torch.dtype, int] = {}
@@ -763,7 +736,9 @@ def sec_memory(s: Suite, rows: list) -> None:
                     gb_per_s=moved / transfer_s / 1e9, gib=moved / GiB))  # fmt: skip
     free_memory(dev)
     # copy-on-access baseline: every parameter read copies it (the weights are the pinned flats now)
-    hook = _CopyOnAccess(model, dev)
+    from memory import CopyOnAccess  # benchmarks/memory.py: the same baseline
+
+    hook = CopyOnAccess(model, dev)
     try:
         reset_peak(dev)
         coa = run_steps(call, kw, x0, 1 if s.smoke else 2, dt)

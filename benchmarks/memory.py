@@ -90,27 +90,33 @@ def plans_table() -> None:
 
 
 # ------------------------------------------------------------------------------------------- GPU part
-class _CopyOnAccess:
-    """The official DynamicSwap, re-created: parameters stay on the CPU and every attribute access
-    returns a fresh GPU copy (freed after use)."""
+class CopyOnAccess:
+    """The official DynamicSwap, re-created: parameters stay on the host and every attribute access
+    returns a fresh device copy (freed after use). `remove` restores the classes. Also the GPU suite's
+    baseline (benchmarks/gpu_suite.py)."""
 
-    @staticmethod
-    def install(model: nn.Module, device: torch.device) -> None:
+    def __init__(self, model: nn.Module, device: torch.device) -> None:
+        self.originals = []
         for m in model.modules():
-            original = m.__class__
+            cls = m.__class__
 
-            def getattr_(self, name, _orig=original):
+            def getattr_(self, name, _cls=cls, _dev=device):
                 params = self.__dict__["_parameters"]
                 if name in params:
                     p = params[name]
-                    return None if p is None else nn.Parameter(p.to(device, non_blocking=True), requires_grad=False)
+                    return None if p is None else nn.Parameter(p.to(_dev, non_blocking=True), requires_grad=False)
                 buffers = self.__dict__["_buffers"]
                 if name in buffers:
                     b = buffers[name]
-                    return None if b is None else b.to(device, non_blocking=True)
-                return _orig.__getattr__(self, name)
+                    return None if b is None else b.to(_dev, non_blocking=True)
+                return _cls.__getattr__(self, name)
 
-            m.__class__ = type(f"CopyOnAccess_{original.__name__}", (original,), {"__getattr__": getattr_})
+            m.__class__ = type(f"CopyOnAccess_{cls.__name__}", (cls,), {"__getattr__": getattr_})
+            self.originals.append((m, cls))
+
+    def remove(self) -> None:
+        for m, cls in self.originals:
+            m.__class__ = cls
 
 
 def _inputs(device, dtype, h=80, w=76):
@@ -220,7 +226,7 @@ def gpu_benchmark(steps: int, budget_gb: float) -> None:
 
     # 4. the official copy-on-access scheme (slow: 2 steps are enough)
     baseline = _random_model(dtype)
-    _CopyOnAccess.install(baseline, device)
+    CopyOnAccess(baseline, device)
     torch.cuda.reset_peak_memory_stats()
     results["copy-on-access"] = (_section(lambda k: baseline(**k), x, kw, 2, device), torch.cuda.max_memory_allocated())
 

@@ -24,17 +24,8 @@ from framepack.pipeline import load_pipeline
 from framepack.video import probe
 
 
-@pytest.fixture(scope="session")
-def home(tmp_path_factory):
-    path = tmp_path_factory.mktemp("framepack-home")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("FRAMEPACK_HOME", str(path))
-    yield path
-    mp.undo()
-
-
-@pytest.fixture(scope="session")
-def pipes(home):
+@pytest.fixture(scope="module")
+def pipes(home):  # home: conftest's FRAMEPACK_HOME of this module
     return {m: load_pipeline(m, device="cpu") for m in ("tiny", "tiny-f1")}
 
 

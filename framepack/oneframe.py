@@ -33,7 +33,7 @@ from framepack.events import Cancelled, Finished, StageStarted
 from framepack.images import image_alpha, load_image, load_mask, prepare_image, resize_and_center_crop
 from framepack.inputs import JobInputs
 from framepack.memory import peaks, release_host_memory
-from framepack.outputs import OutputPaths, RunInfo, check_output, run_metadata, write_json
+from framepack.outputs import OutputPaths, RunInfo, check_output, run_metadata, write_atomically, write_json
 from framepack.pipeline import JobPlan, JobRun, _seeded
 from framepack.sections import OneFrameSchedule, Section
 from framepack.video import to_uint8_frames
@@ -138,16 +138,16 @@ class EditRun(JobRun):
     def _output_paths(self) -> OutputPaths:
         return check_output(self.request, ".png")
 
-    def _encode_images(self):
-        start, siglip, anchors, _ = super()._encode_images()
+    def _context_latents(self, start: torch.Tensor) -> torch.Tensor:
+        """The control latents (1, C, controls, h, w): the start latent and each reference (seeded), each
+        times its mask at latent size."""
         inputs, seed = self.plan.inputs, self.request.seed
-        with self.memory.use("vae"):
-            latents = [start] + [vae.encode(self.c.vae, picture, _seeded(seed + n))
-                                 for n, picture in enumerate(inputs.controls, 1)]  # fmt: skip
+        latents = [start] + [vae.encode(self.c.vae, picture, _seeded(seed + n))
+                             for n, picture in enumerate(inputs.controls, 1)]  # fmt: skip
         for i, mask in enumerate(inputs.masks):
             if mask is not None:  # (h, w) at latent size, on every channel
                 latents[i] = latents[i] * torch.from_numpy(mask)[None, None, None]
-        return start, siglip, anchors, torch.cat(latents, dim=2)  # (1, C, controls, h, w)
+        return torch.cat(latents, dim=2)
 
     def open_output(self) -> None:
         self.history = self.schedule.start(self.cond.start, self.cond.prefix)
@@ -219,13 +219,7 @@ def _write_png(path: Path, pixels: np.ndarray, run: RunInfo) -> None:
     info = PngImagePlugin.PngInfo()
     info.add_text(PNG_KEY, json.dumps({"framepack_version": framepack.__version__, "model": run.spec.name,
                                        "request": run.request.to_json_dict()}))  # fmt: skip
-    tmp = path.with_name(path.name + ".partial")
-    try:
-        Image.fromarray(pixels).save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomically(path, lambda tmp: Image.fromarray(pixels).save(tmp, format="PNG", pnginfo=info))
 
 
 def read_settings(path: str | os.PathLike) -> tuple[dict, str | None]:

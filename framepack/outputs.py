@@ -9,6 +9,7 @@ import os
 import platform
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -230,15 +231,20 @@ def run_metadata(status: str, run: RunInfo) -> dict:
     }
 
 
-def write_json(path: Path, data: dict) -> None:
-    """`data` as indented JSON at `path`, replaced atomically (never a half-written sidecar)."""
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` to a .partial sibling of `path`, then renamed over it: never a half-written file."""
     tmp = path.with_name(path.name + ".partial")
     try:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_json(path: Path, data: dict) -> None:
+    """`data` as indented JSON at `path`, replaced atomically (never a half-written sidecar)."""
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
 
 
 def write_metadata(result: GenerationResult, run: RunInfo) -> None:

@@ -309,9 +309,7 @@ class JobRun:
                 image = inputs.end if a.source == "end" else inputs.keyframes[int(a.source.split()[1]) - 1]
                 latent = vae.encode(self.c.vae, image, _seeded(seed + a.boundary))
                 anchors[a.video_section] = latent * (request.end_strength if a.source == "end" else 1.0)
-            prefix = None
-            if inputs.video_context is not None:
-                prefix = vae.encode_frames(self.c.vae, inputs.video_context, _seeded(seed))
+            prefix = self._context_latents(start)
         self.emit(StageStarted("image encoding"))
         with self.memory.use("image_encoder"):
             siglip = None if inputs.start is None else self.c.image_encoder.encode(inputs.start)
@@ -319,6 +317,12 @@ class JobRun:
                 w = request.end_embedding_weight
                 siglip = (1 - w) * siglip + w * self.c.image_encoder.encode(inputs.end)
         return start, siglip, anchors, prefix
+
+    def _context_latents(self, start: torch.Tensor | None) -> torch.Tensor | None:
+        """The latents the schedule starts from besides the start latent (`Schedule.start`'s `prefix`),
+        encoded while the VAE is on the device: an input video's last frames, if it continues one."""
+        frames = self.plan.inputs.video_context
+        return None if frames is None else vae.encode_frames(self.c.vae, frames, _seeded(self.request.seed))
 
     def _generate_start(self, blended: dict, neg):
         """Text-to-video without a start image: sample one forward section from an empty start (zero

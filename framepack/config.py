@@ -274,6 +274,7 @@ class GenerationRequest:
     lora_exclude: str | None = None  # regex on module names: these keep their weights
 
     kind = "video"  # the job kind (`request_from_json`); not a field
+    what = "request"  # how `validate`'s error names it
 
     def input_files(self) -> list[tuple[str, str | None]]:
         """(the flag a user knows it by, path) of every input file the request reads."""
@@ -283,6 +284,13 @@ class GenerationRequest:
     def validate(self) -> GenerationRequest:
         """Every problem at once, in one RequestError. Types are checked strictly (a JSON `"steps": "25"`
         or `"teacache": "yes"` is an error, not coerced), with the same wording for every front end."""
+        p = self.problems()
+        if p:
+            raise RequestError(f"invalid {self.what}: " + "; ".join(p))
+        return self
+
+    def problems(self) -> list[str]:
+        """What `validate` reports: every problem of the request, in words."""
         p = [problem for name in _FIELDS if (problem := _type_problem(name, getattr(self, name)))]
         if isinstance(self.prompt, str) and not self.prompt.strip():
             p.append("prompt is empty: describe the motion, e.g. 'The girl dances gracefully, with clear movements'")
@@ -325,9 +333,7 @@ class GenerationRequest:
                 p.append(f"{name} must be one of {', '.join(info.choices)}, got {v!r}")
         if self.resolution is not None and (problem := resolution_problem(self.resolution)) is not None:
             p.append(problem)
-        if p:
-            raise RequestError("invalid request: " + "; ".join(p))
-        return self
+        return p
 
     @classmethod
     def from_json_dict(cls, d: dict[str, Any]) -> GenerationRequest:
@@ -462,6 +468,7 @@ class EditRequest(GenerationRequest):
     save_controls: bool = False
 
     kind = "edit"
+    what = "frame edit"
 
     def input_files(self) -> list[tuple[str, str | None]]:
         named = [("--image", self.image), ("--image-mask", self.image_mask)]
@@ -488,12 +495,8 @@ class EditRequest(GenerationRequest):
                            post=not pick(self.no_post, preset.no_post), x2=not pick(self.no_2x, preset.no_2x),
                            x4=not pick(self.no_4x, preset.no_4x))  # fmt: skip
 
-    def validate(self) -> EditRequest:
-        p = []
-        try:
-            super().validate()
-        except RequestError as err:
-            p.extend(str(err).removeprefix("invalid request: ").split("; "))
+    def problems(self) -> list[str]:
+        p = super().problems()
         defaults = GenerationRequest()
         changed = [name for name in VIDEO_ONLY if getattr(self, name) != getattr(defaults, name)]
         if changed:
@@ -524,9 +527,7 @@ class EditRequest(GenerationRequest):
                     p.append(f"{name} must be a whole number in {lo:g}..{hi:g}, got {v!r}")
         if not p:
             p.extend(self.layout().problems(self.window)[0])
-        if p:
-            raise RequestError("invalid frame edit: " + "; ".join(p))
-        return self
+        return p
 
     @classmethod
     def from_json_dict(cls, d: dict[str, Any]) -> EditRequest:

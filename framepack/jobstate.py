@@ -33,6 +33,9 @@ class SavedJob:
     writer: dict
     history: History
     rng_state: torch.Tensor
+    encode_seed: int | None = None  # the seed the images were encoded with (a branch's parent's); None: the request's
+    branch: dict | None = None  # a branch's parent, branch point and what changed (for the sidecar)
+    replaces: Path | None = None  # the video it replaces once complete (outputs.OutputPaths.replaces)
 
 
 def exists(state_dir: str | os.PathLike | None) -> bool:
@@ -40,15 +43,19 @@ def exists(state_dir: str | os.PathLike | None) -> bool:
 
 
 def save(state_dir, *, request: dict, model: str, sections_done: int, video: Path, writer: dict,
-         history: History, rng: torch.Generator) -> None:  # fmt: skip
+         history: History, rng: torch.Generator | torch.Tensor, encode_seed: int | None = None,
+         branch: dict | None = None, replaces: Path | None = None) -> None:  # fmt: skip
+    """`rng`: the noise generator, or its state."""
     d = Path(state_dir)
-    tensors = {"start": history.start.contiguous(), "latents": history.latents.contiguous(),
-               "rng_state": rng.get_state()}  # fmt: skip
+    d.mkdir(parents=True, exist_ok=True)
+    state = rng if isinstance(rng, torch.Tensor) else rng.get_state()
+    tensors = {"start": history.start.contiguous(), "latents": history.latents.contiguous(), "rng_state": state}
     tmp = d / (TENSORS + ".partial")
     save_file(tensors, str(tmp))
     os.replace(tmp, d / TENSORS)
     meta = {"request": request, "model": model, "sections_done": sections_done, "video": str(video),
-            "writer": writer, "history_total": history.total}  # fmt: skip
+            "writer": writer, "history_total": history.total, "history_extended": history.extended,
+            "encode_seed": encode_seed, "branch": branch, "replaces": str(replaces) if replaces else None}  # fmt: skip
     tmp = d / (STATE + ".partial")
     tmp.write_text(json.dumps(meta, indent=2) + "\n")
     os.replace(tmp, d / STATE)
@@ -61,6 +68,8 @@ def load(state_dir) -> SavedJob:
         t = load_file(str(d / TENSORS))
     except Exception as err:  # a damaged state is reported, not fatal to whoever lists jobs
         raise ValueError(f"cannot resume from {d}: its saved state is missing or damaged ({err})") from err
-    history = History(t["start"], t["latents"], meta["history_total"])
+    history = History(t["start"], t["latents"], meta["history_total"], bool(meta.get("history_extended")))
+    replaces = meta.get("replaces")
     return SavedJob(meta["request"], meta["model"], meta["sections_done"], Path(meta["video"]), meta["writer"],
-                    history, t["rng_state"])  # fmt: skip
+                    history, t["rng_state"], meta.get("encode_seed"), meta.get("branch"),
+                    Path(replaces) if replaces else None)  # fmt: skip

@@ -67,11 +67,17 @@ class OutputPaths:
     replaces: Path | None = None
 
     def commit(self) -> tuple[Path, Path]:
-        """The finished video moved over the one it replaces (an atomic rename); returns where the video
-        is and where its sidecar goes."""
+        """The finished video moved over the one it replaces (an atomic rename), and its section
+        checkpoints over the old video's; returns where the video is and where its sidecar goes."""
         if self.replaces is None:
             return self.video, self.metadata
+        from framepack.checkpoints import sections_dir
+
         os.replace(self.video, self.replaces)
+        old, new = sections_dir(self.replaces), sections_dir(self.video)
+        shutil.rmtree(old, ignore_errors=True)  # the old video's checkpoints describe a file that is gone
+        if new.is_dir():
+            os.replace(new, old)
         return self.replaces, self.replaces.with_suffix(".json")
 
 
@@ -195,6 +201,8 @@ class RunInfo:
     error: str | None  # "Type: message" of what stopped a failed job
     loras: list[dict] | None = None  # framepack.lora.LoadedLora.describe() of each merged LoRA
     speed: dict | None = None  # how the transformer computed: {"fp8": None | "storage" | "compute", "compile": bool}
+    branch: dict | None = None  # a branch's parent, branch point and what changed (framepack.branching)
+    checkpoints: dict | None = None  # the video's section checkpoints: folder, policy, kept range, bytes
 
 
 def run_metadata(status: str, run: RunInfo) -> dict:
@@ -265,5 +273,7 @@ def write_metadata(result: GenerationResult, run: RunInfo) -> None:
         "peak_vram_bytes": result.peak_vram_bytes,
         "peak_rss_bytes": result.peak_rss_bytes,
         "timings": result.timings,
+        "branch": run.branch,
+        "checkpoints": run.checkpoints,
     })  # fmt: skip
     write_json(result.metadata, meta)

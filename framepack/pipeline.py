@@ -32,6 +32,7 @@ import torch
 
 from framepack import jobstate, sampling, vae
 from framepack.cachetables import find_table
+from framepack.checkpoints import KeepPolicy, SectionStore, sections_dir
 from framepack.config import GenerationRequest, RequestError, RuntimeOptions
 from framepack.controls import Anchor, SectionPrompt, parse_prompts, place_anchors, prompts_per_section
 from framepack.events import (
@@ -130,6 +131,7 @@ class Pipeline:
         image: np.ndarray | None = None,
         state_dir: str | os.PathLike | None = None,
         step_cache: StepCache | None = None,
+        checkpoints: KeepPolicy | str | int | None = "all",
     ) -> GenerationResult:
         """Run one job (the flow in the module docstring). `image` (uint8 HWC) may replace
         `request.image` for in-process callers.
@@ -138,6 +140,8 @@ class Pipeline:
         the folder already holds a saved state for the same request, the job continues from it (the
         result equals an uninterrupted run's). Removed when the job finishes.
         `step_cache`: use this step cache instead of the request's (e.g. a MagCache calibrator).
+        `checkpoints`: the section checkpoints kept beside the video for branching (framepack.checkpoints):
+        "all", the last N, or "none" / None.
 
         Errors before the video exists (bad inputs, memory budget, missing weights) are raised as they
         are. Once it exists, a cancel gives a `Cancelled` result and an error a `GenerationFailed`
@@ -147,7 +151,9 @@ class Pipeline:
         if image is not None and request.image is None:
             request = dataclasses.replace(request, image="<array>")
         plan = check_request(request, self.spec, image)
-        return self._execute(JobRun(self, plan, on_event or _ignore, cancel or CancelToken(), state_dir, step_cache))
+        keep = checkpoints if isinstance(checkpoints, KeepPolicy) else KeepPolicy.parse(checkpoints or "none")
+        run = JobRun(self, plan, on_event or _ignore, cancel or CancelToken(), state_dir, step_cache, keep)
+        return self._execute(run)
 
     @torch.no_grad()
     def edit(self, request, on_event: EventCallback | None = None, cancel: CancelToken | None = None, *,
@@ -163,11 +169,12 @@ class Pipeline:
         return self._execute(EditRun(self, plan, on_event or _ignore, cancel or CancelToken(), None, step_cache))
 
     def run(self, request, on_event: EventCallback | None = None, cancel: CancelToken | None = None, *,
-            state_dir: str | os.PathLike | None = None):  # fmt: skip
+            state_dir: str | os.PathLike | None = None,
+            checkpoints: KeepPolicy | str | int | None = "all"):  # fmt: skip
         """Any job kind (`request.kind`): a video (`generate`, resumable from `state_dir`) or a frame edit."""
         if request.kind == "edit":
             return self.edit(request, on_event, cancel)
-        return self.generate(request, on_event, cancel, state_dir=state_dir)
+        return self.generate(request, on_event, cancel, state_dir=state_dir, checkpoints=checkpoints)
 
     def _execute(self, run: JobRun):
         interrupted = False
@@ -220,7 +227,8 @@ class JobRun:
     manager, step cache, event callback, cancel token, RNG and video. Its methods are the flow."""
 
     def __init__(self, pipe: Pipeline, plan: JobPlan, emit: EventCallback, cancel: CancelToken,
-                 state_dir: str | os.PathLike | None, step_cache: StepCache | None = None) -> None:  # fmt: skip
+                 state_dir: str | os.PathLike | None, step_cache: StepCache | None = None,
+                 keep: KeepPolicy | None = None) -> None:  # fmt: skip
         self.pipe, self.c, self.device = pipe, pipe.c, pipe.device
         self.plan, self.request, self.schedule = plan, plan.request, plan.schedule
         self.emit, self.cancel = emit, cancel
@@ -231,8 +239,13 @@ class JobRun:
                                        or self.saved.model != pipe.spec.name):  # fmt: skip
             raise RequestError(f"{state_dir} holds a different job's state (another request or model); cannot resume")
         saved = self.saved
+        # A branch encodes its images as its parent did (a new seed changes only the noise from the branch on).
+        self.encode_seed = saved.encode_seed if saved and saved.encode_seed is not None else request.seed
+        self.branch = saved.branch if saved else None
+        self.keep, self.store = keep, None
         self.loras = self.c.prepare_loras(request)  # found, read and checked: before any output exists
-        self.out = OutputPaths(saved.video, saved.video.with_suffix(".json")) if saved else self._output_paths()
+        self.out = (OutputPaths(saved.video, saved.video.with_suffix(".json"), saved.replaces) if saved
+                    else self._output_paths())  # fmt: skip
         self.video_path = self.out.video
         emit(JobPlanned(len(plan.sections), plan.frames, plan.prompt_times,
                         [(a.source, a.seconds) for a in plan.anchors], plan.notes))  # fmt: skip
@@ -247,7 +260,9 @@ class JobRun:
                               switched["seconds"] if switched else 0.0))  # fmt: skip
         reset_peaks(self.device)
         self.rng = torch.Generator("cpu").manual_seed(request.seed)
-        self.prompts = {p.prompt for p in plan.prompts} | {p.blend_from for p in plan.prompts if p.blend_from}
+        pending = plan.sections[saved.sections_done if saved else 0 :] or plan.sections[-1:]  # at least one
+        self.needed = needed = [plan.prompts[s.video_index] for s in pending]
+        self.prompts = {p.prompt for p in needed} | {p.blend_from for p in needed if p.blend_from}  # of what it makes
         self.prompts |= {request.negative_prompt} if request.cfg != 1 else set()
         self.need_text = any(self.c.cached_prompt(p) is None for p in self.prompts)
         height, width = plan.inputs.size
@@ -271,13 +286,19 @@ class JobRun:
         """Prompts and images -> the transformer inputs every section shares, and the start latent."""
         embeddings, neg = self._encode_prompts()
         blended = {}
-        for sp in self.plan.prompts:  # one set of transformer text inputs per distinct (prompt, blend)
+        for sp in self.needed:  # one set of transformer text inputs per distinct (prompt, blend) still to make
             if (sp.prompt, sp.blend_from) not in blended:
                 emb = embeddings[sp.prompt]
                 blended[(sp.prompt, sp.blend_from)] = emb if sp.blend_from is None else emb.blend(
                     embeddings[sp.blend_from])  # fmt: skip
         start, siglip, anchors, prefix = self._encode_images()
-        if start is None:  # text-to-video starting from a generated frame
+        if start is None and self.saved is not None:  # its generated start frame is in the saved history
+            start = self.saved.history.start
+            with self.memory.use("vae"):
+                image = to_uint8_frames(vae.decode(self.c.vae, start))[0]
+            with self.memory.use("image_encoder"):
+                siglip = self.c.image_encoder.encode(image)
+        elif start is None:  # text-to-video starting from a generated frame
             start, siglip = self._generate_start(blended, neg)
         self.timings["conditioning_s"] = round(time.perf_counter() - self.t0, 3)
         guidance = self.request.distilled_guidance
@@ -294,13 +315,14 @@ class JobRun:
             self.memory.drop("text_encoder")
             self.c.free_text_encoders()
         request = self.request
-        main = embeddings[parse_prompts(request.prompt)[0][1]]
+        first = parse_prompts(request.prompt)[0][1]
+        main = embeddings[first] if first in embeddings else next(iter(embeddings.values()))
         return embeddings, embeddings[request.negative_prompt] if request.cfg != 1 else main.zeros_like()
 
     def _encode_images(self):
         """Start latent (seeded), SigLIP states (blended with the end frame's), anchor latents, and the
         latents of the input video frames the schedule continues from."""
-        inputs, request, seed = self.plan.inputs, self.request, self.request.seed
+        inputs, request, seed = self.plan.inputs, self.request, self.encode_seed
         self.emit(StageStarted("vae encoding"))
         with self.memory.use("vae"):
             start = None if inputs.start is None else vae.encode(self.c.vae, inputs.start, _seeded(seed))
@@ -322,7 +344,7 @@ class JobRun:
         """The latents the schedule starts from besides the start latent (`Schedule.start`'s `prefix`),
         encoded while the VAE is on the device: an input video's last frames, if it continues one."""
         frames = self.plan.inputs.video_context
-        return None if frames is None else vae.encode_frames(self.c.vae, frames, _seeded(self.request.seed))
+        return None if frames is None else vae.encode_frames(self.c.vae, frames, _seeded(self.encode_seed))
 
     def _generate_start(self, blended: dict, neg):
         """Text-to-video without a start image: sample one forward section from an empty start (zero
@@ -338,7 +360,7 @@ class JobRun:
         forward = ForwardSchedule(self.request.window)
         section = forward.sections(1)[0]
         velocity = self._velocity(cond, uncond, forward.context(forward.start(zeros), section))
-        noise = self._noise(zeros.shape, torch.Generator("cpu").manual_seed(self.request.seed + 1), forward.window)
+        noise = self._noise(zeros.shape, torch.Generator("cpu").manual_seed(self.encode_seed + 1), forward.window)
         with self.memory.use("transformer"):
             latents = self._sample(velocity, noise, _Where(0, 1, 0), None)
         start = latents[:, :, :1].float().cpu()
@@ -370,8 +392,34 @@ class JobRun:
             with self.memory.use("vae"):
                 last = self._decode(self.plan.sections[self.done - 1])
             self.assembler.restore(last, self.done)
+            writer.write_snapshot()  # a branch's video exists at once, holding the sections it shares
+        self._open_checkpoints()
         self.c.transformer.step_cache = self.cache
         self.started = True
+
+    def _open_checkpoints(self) -> None:
+        """The video's section checkpoints (framepack.checkpoints): new, or the saved job's continued."""
+        if self.keep is None:
+            return
+        folder, request = sections_dir(self.video_path), self.request.to_json_dict()
+        if self.saved is not None:
+            try:
+                store = SectionStore.open(folder)
+                if store.index["request"] == request and self.done in store.kept:
+                    store.truncate(self.done)  # one more may have been written just before a crash
+                    store.update(keep=self.keep.last)
+                    self.store = store
+            except ValueError:
+                pass  # none or unusable: start one from here
+        if self.store is None:
+            header = {"request": request, "model": self.pipe.spec.name, "schedule": self.schedule.name,
+                      "window": self.schedule.window, "sections": len(self.plan.sections),
+                      "encode_seed": self.encode_seed, "branch": self.branch,
+                      "cwd": os.getcwd()}  # where relative input paths were read from  # fmt: skip
+            self.store = SectionStore.create(folder, header, self.keep, history=self.history, rng=self.rng,
+                                             writer=self.writer.state(), at=self.done)  # fmt: skip
+        if self.writer.path.is_file():
+            self.store.set_video(self.writer.path, self.writer.layout())
 
     def pending(self) -> list[Section]:
         return self.plan.sections[self.done :]
@@ -380,17 +428,22 @@ class JobRun:
         """Sample one section, add it to the history, decode its new frames into the MP4, save state."""
         ts = time.perf_counter()
         count = len(self.plan.sections)
-        self.history = self.schedule.append(self.history, section, self._denoise(section, self.writer.num_frames))
+        generated = self._denoise(section, self.writer.num_frames)
+        self.history = self.schedule.append(self.history, section, generated)
         td = time.perf_counter()
         self.emit(StageStarted("decoding", section.index, count))
         with self.memory.use("vae"):
             decoded = self._decode(section)
         self.assembler.add(decoded)
         self.done += 1
+        if self.store is not None:  # before the resume state: a resume truncates the checkpoints to it
+            self.store.add(self.done, generated, self.rng, self.writer.state())
+            self.store.set_video(self.video_path, self.writer.layout())
         if self.state_dir is not None:
             jobstate.save(self.state_dir, request=self.request.to_json_dict(), model=self.pipe.spec.name,
                           sections_done=self.done, video=self.video_path, writer=self.writer.state(),
-                          history=self.history, rng=self.rng)  # fmt: skip
+                          history=self.history, rng=self.rng, encode_seed=self.encode_seed, branch=self.branch,
+                          replaces=self.out.replaces)  # fmt: skip
         release_host_memory()  # the decode's temporaries: keep RSS flat from section to section
         self.timings["sections"].append(
             {"sample_s": round(td - ts, 3), "decode_write_s": round(time.perf_counter() - td, 3)}
@@ -467,6 +520,8 @@ class JobRun:
             frames = probe(video)["frames"]
         elif video is not None and self.status == "finished":
             video, meta_path = self.out.commit()  # replacing an older video: only now that this one is complete
+        if self.store is not None:
+            self._close_checkpoints(video)
         release_host_memory()
         self.timings["total_s"] = round(time.perf_counter() - self.t0, 3)
         peak_vram, peak_rss = peaks(self.device)
@@ -482,7 +537,7 @@ class JobRun:
         write_metadata(result, RunInfo(
             request, self.pipe.spec, self.device, self.c.transformer.dtype,
             self.writer.effective_crf if self.writer else None, self.cache.report() if self.cache else None,
-            self.memory.describe(), error, self.lora_reports, self.c.speed(),
+            self.memory.describe(), error, self.lora_reports, self.c.speed(), self.branch, self._checkpoint_info(),
         ))  # fmt: skip
         if self.status == "finished":
             self.emit(Finished(result))
@@ -493,6 +548,23 @@ class JobRun:
             raise GenerationFailed(f"generation failed: {error} (partial results: {meta_path})",
                                    result) from self.error  # fmt: skip
         return result
+
+    def _close_checkpoints(self, video: Path | None) -> None:
+        """Point the checkpoints at the video as it was left (joined, committed or a snapshot); without
+        a video they describe nothing and go."""
+        if video is None or not video.is_file():
+            shutil.rmtree(self.store.folder, ignore_errors=True)
+            self.store = None
+            return
+        self.store.folder = sections_dir(video)  # moved with it when it replaced an older video
+        self.store.set_video(video, self.writer.layout())
+
+    def _checkpoint_info(self) -> dict | None:
+        if self.store is None:
+            return None
+        kept = self.store.kept
+        return {"folder": self.store.folder.name, "keep": self.keep.describe(), "kept": [kept.start, kept.stop - 1],
+                "bytes": self.store.bytes()}  # fmt: skip
 
     def _close_video(self) -> Path | None:
         """Finished: the final MP4 (state removed). Stopped early: a playable MP4 of the finished sections;

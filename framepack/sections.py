@@ -163,6 +163,11 @@ class Schedule(ABC):
     def sections(self, count: int) -> list[Section]:
         """`count` sections in generation order."""
 
+    def conditioning_key(self, section: Section) -> tuple:
+        """What a section's context, history update and decode depend on besides the history itself:
+        a branch may keep a section made in another video only where the keys are equal."""
+        return section.padding, section.is_first, section.is_last
+
     @abstractmethod
     def start(self, start_latent: torch.Tensor, prefix: torch.Tensor | None = None) -> History:
         """The history before the first section: the start latent (B, C, 1, h, w) and, when an input
@@ -290,6 +295,9 @@ class ForwardSchedule(Schedule):
     def sections(self, count: int) -> list[Section]:
         lws = self.window
         return [Section(i, count, 0, (1 + lws * i, 1 + lws * (i + 1))) for i in range(count)]
+
+    def conditioning_key(self, section: Section) -> tuple:
+        return (section.is_first,)  # no padding, and the last section is like any other: a video can grow
 
     def start(self, start_latent: torch.Tensor, prefix: torch.Tensor | None = None) -> History:
         """`prefix` (B, C, K, h, w): latents of an input video's last frames to continue from."""

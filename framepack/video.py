@@ -221,6 +221,7 @@ class SectionVideoWriter:
         self._serial = 0
         self._closed = False
         self.frames_encoded = 0
+        self._written: list[list] = []  # [name, offset, frames, reorder] of each segment in the file at `path`
 
     # -------------------------------------------------------------------------------- public
     def state(self) -> dict:
@@ -250,6 +251,11 @@ class SectionVideoWriter:
         writer._size = tuple(state["size"]) if state["size"] else None
         writer._serial = state["serial"]
         return writer
+
+    def layout(self) -> list[list]:
+        """Where each segment's frames are in the file last written at `path`: [name, first frame, frames,
+        reorder], in display order (`copy_segment` takes one back out without re-encoding)."""
+        return [list(entry) for entry in self._written]
 
     def keep_segments(self) -> None:
         """Stop here without finishing: leave the last snapshot and the segments (for a later resume)."""
@@ -446,9 +452,60 @@ class SectionVideoWriter:
                         raise RuntimeError(f"segment {seg.path.name} holds {n} frames, expected {seg.frames}")
                     offset += seg.frames
             os.replace(tmp, dest)
+            if dest == self.path:
+                starts = np.cumsum([0] + [s.frames for s in segments])
+                self._written = [[s.path.name, int(o), s.frames, s.reorder] for s, o in zip(segments, starts)]
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+
+
+def copy_segment(source: str | os.PathLike, first: int, frames: int, reorder: int, dest: str | os.PathLike) -> None:
+    """Copy the packets of frames `first` .. `first + frames - 1` of an MP4 that a `SectionVideoWriter`
+    joined (one of its segments: `layout()` says where) into a segment file at `dest`, without
+    re-encoding: the frames decode bit-identically. A segment began its own x264 session with an IDR
+    frame, so its packets are contiguous in decode order and reference nothing outside it; anything
+    else (a range that does not match a segment, a file that changed since) raises ValueError."""
+    tick = Fraction(1, 30)
+    src_path = Path(source)
+    tmp = Path(dest).with_name(f".{Path(dest).name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with av.open(str(src_path)) as src, av.open(str(tmp), "w", format="mp4") as out:
+            istream = src.streams.video[0]
+            rate = istream.average_rate or istream.guessed_rate
+            tick = Fraction(1, round(float(rate))) if rate else tick
+            ostream = out.add_stream_from_template(istream)
+            ostream.time_base = tick
+            copied, runs, inside = 0, 0, False
+            for packet in src.demux(istream):
+                if packet.pts is None:
+                    continue
+                index = round(packet.pts * packet.time_base / tick)
+                if not first <= index < first + frames:
+                    inside = False
+                    continue
+                if not inside:
+                    runs += 1
+                    inside = True
+                if copied == 0 and not packet.is_keyframe:
+                    raise ValueError(f"{src_path}: frame {index} (the first of frames {first}..{first + frames - 1} "
+                                     "in decode order) is not a key frame: not the start of a segment")  # fmt: skip
+                packet.pts = index - first
+                packet.dts = copied - reorder  # increasing, and <= pts (reorder: the segment's B-frame lead)
+                packet.duration = 1
+                packet.time_base = tick
+                packet.stream = ostream
+                out.mux(packet)
+                copied += 1
+        if copied != frames or runs != 1:
+            raise ValueError(f"{src_path} holds {copied} packets of frames {first}..{first + frames - 1}"
+                             f"{'' if runs <= 1 else ' in separate runs'}; expected one run of {frames}: the file "
+                             "is not the one its layout describes")  # fmt: skip
+        os.replace(tmp, dest)
+    except av.FFmpegError as err:
+        raise ValueError(f"cannot copy frames from {src_path}: {err}") from err
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 _PARTS = re.compile(r"^\..+\.(\d+)\.[^.]+\.parts$")  # .NAME.PID.RANDOM.parts

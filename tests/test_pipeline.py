@@ -75,7 +75,9 @@ def test_frame_counts_events_and_files(pipes, image_path, tmp_path, model, secti
     meta = json.loads(result.metadata.read_text())
     assert meta["status"] == "finished" and meta["frames"] == result.frames and meta["model"]["name"] == model
     assert meta["request"]["seconds"] == pytest.approx(seconds_for(sections)) and meta["video"] == result.video.name
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([result.video.name, result.metadata.name])
+    folder = f".{result.video.stem}.sections"  # the section checkpoints a branch starts from
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([result.video.name, result.metadata.name, folder])
+    assert meta["checkpoints"]["folder"] == folder and meta["checkpoints"]["kept"] == [0, sections]
 
 
 @pytest.mark.parametrize("model", ["tiny", "tiny-f1"])

@@ -205,7 +205,10 @@ def prepare(plan: BranchPlan, state_dir: str | os.PathLike, video: str | os.Path
         if name not in where or where[name][1] != frames:
             raise CheckpointError(f"{parent.name}: segment {name} of section checkpoint {plan.at} is not in "
                                   f"{parent.video} (its checkpoints and its video disagree)")  # fmt: skip
-        copy_segment(parent.video, where[name][0], frames, reorder, segments / name)
+        try:
+            copy_segment(parent.video, where[name][0], frames, reorder, segments / name)
+        except ValueError as err:
+            raise CheckpointError(f"cannot branch from {parent.name}: {err}") from None
     info = plan.info()
     encode_seed = parent.store.index.get("encode_seed", parent.request.get("seed"))
     if keep is not None:

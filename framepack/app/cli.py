@@ -41,7 +41,18 @@ def _add_generate(sub) -> None:
     c.add_argument("--prompts-file", help="timestamped prompts, one '[TIME: prompt]' or 'TIME: prompt' per line")
     c.add_argument("--keyframe", action="append", metavar="TIME=IMAGE", help=REQUEST_FIELDS["keyframes"].help)
     add_run_args(p, groups[LORAS])
+    add_checkpoint_args(p)
     p.set_defaults(func=_generate)
+
+
+def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
+    """The section checkpoints kept beside the video, for `framepack branch` (generate, branch)."""
+    p.add_argument("--checkpoints", default="all", metavar="all|N|none",
+                   help="section checkpoints kept beside the video (hidden folder .NAME.sections) so `framepack "
+                   "branch` can re-roll or continue from any finished section: all (default), the last N, or none; "
+                   "each holds one section's latents (about 3.7 MB at the 640 bucket)")  # fmt: skip
+    p.add_argument("--no-checkpoints", dest="checkpoints", action="store_const", const="none",
+                   help="the same as --checkpoints none")  # fmt: skip
 
 
 def add_request_flags(p: argparse.ArgumentParser, cls, *tables: dict) -> dict:
@@ -228,10 +239,9 @@ class _Progress:
 
 
 def _generate(args: argparse.Namespace) -> int:
-
-    from framepack.events import CancelToken
-    from framepack.outputs import check_output, disk_full_message, disk_needed, is_disk_full
-    from framepack.pipeline import GenerationFailed, GenerationInterrupted, check_request
+    from framepack.checkpoints import KeepPolicy
+    from framepack.outputs import check_output, disk_needed
+    from framepack.pipeline import check_request
     from framepack.registry import get_spec
 
     request, model = _build_request(args)
@@ -241,13 +251,25 @@ def _generate(args: argparse.Namespace) -> int:
 
         LoraLibrary(args.lora_dir).check(request.loras)
     check_output(request)
+    keep = KeepPolicy.parse(args.checkpoints)
     needed = disk_needed(plan.frames, *plan.inputs.size, request.window)
     pipe = load_for(args, model)
+    return run_video(args, needed, lambda on_event, cancel: pipe.generate(request, on_event=on_event, cancel=cancel,
+                                                                         checkpoints=keep))  # fmt: skip
+
+
+def run_video(args: argparse.Namespace, needed: int, start) -> int:
+    """Run `start(on_event, cancel)` (a video job) with the progress bar and Ctrl-C handling; print
+    the outcome. The exit code: 0 finished, 1 stopped early or failed, 130 interrupted."""
+    from framepack.events import CancelToken
+    from framepack.outputs import disk_full_message, is_disk_full
+    from framepack.pipeline import GenerationFailed, GenerationInterrupted
+
     cancel = CancelToken()
     progress = _Progress(args.quiet)
     try:
         with cancel_on_ctrl_c(cancel, "the video of the finished sections"):
-            result = pipe.generate(request, on_event=progress, cancel=cancel)
+            result = start(progress, cancel)
     except GenerationInterrupted as stop:
         progress.close()
         r = stop.result
@@ -659,6 +681,13 @@ def _add_edit(sub) -> None:
     register(sub)
 
 
+def _add_branch(sub) -> None:
+    """`framepack branch ...` (re-roll, change the prompt from a section on, continue): framepack.app.cli_branch."""
+    from framepack.app.cli_branch import register
+
+    register(sub)
+
+
 def _add_train(sub) -> None:
     """`framepack train ...` (toy family, section trainer, packaging): defined in framepack.train.commands."""
     from framepack.train.commands import register
@@ -673,6 +702,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_edit(sub)
+    _add_branch(sub)
     d = sub.add_parser("download", help="prefetch a model's weights (HF cache, or --models-dir)")
     d.add_argument("model", choices=sorted(REGISTRY))
     d.add_argument("--models-dir", help="download into DIR/<org>/<name> instead of the HF cache")

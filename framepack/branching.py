@@ -128,10 +128,11 @@ def _absolute(request: dict, cwd: str | None) -> dict:
     return out
 
 
-def plan_branch(parent: Parent, at: int | str, changes: dict, spec) -> BranchPlan:
+def plan_branch(parent: Parent, at: int | str, changes: dict, spec, *, base: dict | None = None) -> BranchPlan:
     """Check a branch of `parent` after `at` sections ("last": the latest the changes allow) with
-    `changes` (request fields from `BRANCH_FIELDS`, plus output/overwrite). RequestError names what
-    was wrong and what is accepted."""
+    `changes` (request fields from `BRANCH_FIELDS`, plus output/overwrite). `base`: the parent's request
+    to start from, if not the one its checkpoints recorded (the queue's: the same inputs, copied into
+    the branch's own folder). RequestError names what was wrong and what is accepted."""
     from framepack.pipeline import check_request
 
     fixed = sorted(set(changes) - set(BRANCH_FIELDS) - set(_WHERE))
@@ -141,8 +142,10 @@ def plan_branch(parent: Parent, at: int | str, changes: dict, spec) -> BranchPla
     if spec.name != parent.model:
         raise RequestError(f"{parent.name} was made with model {parent.model!r}: a branch continues it with the "
                            "same model")  # fmt: skip
-    base = _absolute({k: v for k, v in parent.request.items() if k not in _WHERE}, parent.store.index.get("cwd"))
-    merged = {**base, "output": None, "overwrite": False, **changes}
+    if base is None:
+        base = _absolute(parent.request, parent.store.index.get("cwd"))
+        base = {**base, "output": None, "overwrite": False}
+    merged = {**base, **changes}
     request = GenerationRequest.from_json_dict(merged).validate()
     if request.image == "<array>":
         raise RequestError(f"{parent.name} was made from an in-memory image: there is no start image to branch with")
@@ -190,6 +193,34 @@ def _why_not(parent: Parent, ours, theirs, allowed: int, at: int) -> str:
     return (f"after {allowed} section(s) the branch's sections would have another context than {parent.name}'s "
             f"(a keyframe or end frame lands elsewhere with this length), so it can keep at most {allowed} "
             f"(--at 0..{allowed})")  # fmt: skip
+
+
+def section_table(store: SectionStore, file_frames: int) -> list[dict]:
+    """Each finished section of a video (generation order): where its frames are in the video file
+    (`file_frames` long) and whether a branch can start before it (re-roll from here) or after it.
+
+    Frames in the final video: section i covers latent frames [a, b) -> pixel frames 4a-3 .. 4b-4
+    (the first also frame 0, the start image). A video growing at its end holds them from frame 0
+    (after an input video's frames); one growing at its start (the original model, back to front)
+    holds the end of the final video, so its frames count from the end."""
+    from framepack.sections import make_schedule
+
+    index = store.index
+    schedule = make_schedule(index["schedule"], index["window"])
+    sections, done, kept = schedule.sections(index["sections"]), index["last"], store.kept
+    made = sections[:done]
+    if schedule.grows_at == "end":
+        shift = -(file_frames - (4 * made[-1].latent_range[1] - 3)) if made else 0  # an input video before it
+    else:
+        shift = schedule.frames(len(sections)) - file_frames
+    rows = []
+    for s in made:
+        a, b = s.latent_range
+        first, last = (0 if a == 1 else 4 * a - 3) - shift, 4 * b - 4 - shift
+        rows.append({"section": s.index + 1, "video_index": s.video_index, "frames": [max(first, 0),
+                     min(max(last, 0), file_frames - 1)], "reroll": s.index in kept,
+                     "after": s.index + 1 in kept})  # fmt: skip
+    return rows
 
 
 def prepare(plan: BranchPlan, state_dir: str | os.PathLike, video: str | os.PathLike, *,

@@ -20,11 +20,23 @@ class GenerationCancelled(Exception):
 
 
 class CancelToken:
+    """Stop a job: `cancel()` after the current sampler step, `pause()` after the current section (a
+    resumable job then continues from the next one)."""
+
     def __init__(self) -> None:
         self._event = threading.Event()
+        self._pause = threading.Event()
 
     def cancel(self) -> None:
         self._event.set()
+
+    def pause(self) -> None:
+        self._pause.set()
+
+    @property
+    def paused(self) -> bool:
+        """A pause was asked for (the job stops at its next section boundary)."""
+        return self._pause.is_set()
 
     @property
     def cancelled(self) -> bool:

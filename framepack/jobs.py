@@ -69,15 +69,16 @@ from typing import Any
 import numpy as np
 
 from framepack import jobstate
+from framepack.checkpoints import KeepPolicy
 from framepack.config import VIDEO_ONLY, EditRequest, GenerationRequest, RequestError, request_from_json
 from framepack.events import Cancelled, CancelToken, Failed, Finished, SectionDone, StageStarted, StepProgress
 from framepack.outputs import disk_free, disk_full_message, disk_needed, is_disk_full
 from framepack.outputs import job_id as new_job_id
 from framepack.sections import FPS
 
-STATES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
-TERMINAL = frozenset({"done", "failed", "cancelled", "interrupted"})
-RESUMABLE = frozenset({"interrupted", "cancelled", "failed"})
+STATES = ("queued", "running", "done", "failed", "cancelled", "interrupted", "paused")
+TERMINAL = frozenset({"done", "failed", "cancelled", "interrupted", "paused"})
+RESUMABLE = frozenset({"interrupted", "cancelled", "failed", "paused"})
 # Request fields that hold paths on the server. A client never sets them as parameters (that would let
 # it make the server read or write any file); the server fills them from uploads and the job folder.
 # A new request field that holds a path must be added here (tests/test_jobs.py checks the names).
@@ -111,12 +112,13 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT,
     video TEXT,
     metadata TEXT,
-    parent TEXT
+    parent TEXT,
+    branch TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state, seq);
 """
 _COLUMNS = ("id", "seq", "state", "model", "request", "options", "created", "started", "finished", "progress",
-            "result", "error", "video", "metadata", "parent")  # fmt: skip
+            "result", "error", "video", "metadata", "parent", "branch")  # fmt: skip
 _JSON_COLUMNS = ("request", "options", "progress", "result")
 
 
@@ -181,8 +183,9 @@ class Job:
     error: str | None
     video: str | None  # paths relative to the jobs folder ("<id>/video.mp4")
     metadata: str | None
-    parent: str | None  # the job this one re-runs
+    parent: str | None  # the job this one re-runs or branches from
     resumable: bool
+    branch: dict | None = None  # a branch's parent, branch point and what changed (framepack.branching)
     seq: int = 0  # queue order (queued jobs run by increasing seq); kept in job.json for a rebuild
 
     @property
@@ -352,6 +355,7 @@ class JobQueue:
         default_model: str | None = None,
         start_worker: bool = True,
         lora_dir: str | os.PathLike | None = None,
+        checkpoints: str | int | None = "all",
     ) -> None:
         self.outputs = Path(outputs).expanduser().resolve()
         self.jobs_dir = self.outputs / JOBS_DIR
@@ -364,6 +368,8 @@ class JobQueue:
             raise ValueError(f"default model {self.default_model!r} is not among {self.models}")
         self._loader = loader
         self.lora_dir = lora_dir  # the LoRA folder jobs name their files in (None: <FRAMEPACK_HOME>/loras)
+        self.checkpoints = KeepPolicy.parse(checkpoints)  # section checkpoints kept per video job (branching)
+        self._thumbs: dict[str, tuple[tuple, dict[int, bytes]]] = {}  # job -> (video file stamp, JPEG by frame)
         self._loras: Any = None
         self._lock = threading.RLock()  # guards the connection and the in-memory job state
         self._changed = threading.Condition(self._lock)
@@ -522,6 +528,7 @@ class JobQueue:
             self._unsaved.pop(job_id, None)
             self._logs.pop(job_id, None)
             self._previews.pop(job_id, None)
+            self._thumbs.pop(job_id, None)
             self._changed.notify_all()
 
     def move(self, job_id: str, position: int) -> Job:
@@ -574,6 +581,134 @@ class JobQueue:
             raise JobConflict(f"job {job_id} has lost its uploaded {', '.join(missing)}; it cannot be re-run")
         return self.submit(image, merged, model=model or job.model, options={**job.options, **(options or {})},
                            parent=job_id, uploads=uploads)  # fmt: skip
+
+    def branch(self, job_id: str, at: int | str, params: dict | None = None, *, options: dict | None = None) -> Job:
+        """A new job from video job `job_id`'s state after `at` finished sections (generation order; "last":
+        the most the changes allow), `params` (`branching.BRANCH_FIELDS`) changing from section at+1 on.
+        Its folder gets copies of the parent's inputs, checkpoints 0..at and the shared sections' video
+        segments now, so it stays whole if the parent is deleted. RequestError for what cannot be
+        branched (the message says what can change and where); JobConflict for a job with no video."""
+        from framepack.branching import BRANCH_FIELDS, find_parent, plan_branch, prepare
+        from framepack.checkpoints import CheckpointError
+        from framepack.registry import get_spec
+
+        parent_job = self.get(job_id)
+        if parent_job.kind != "video":
+            raise JobConflict(f"job {job_id} is a {parent_job.kind} job: only videos can be branched")
+        params = dict(params or {}) if isinstance(params, dict) or params is None else params
+        if not isinstance(params, dict):
+            raise RequestError(f"params must be a JSON object, got {type(params).__name__}")
+        fixed = sorted(set(params) - set(BRANCH_FIELDS))
+        if fixed:
+            raise RequestError(f"{', '.join(fixed)} cannot change at a branch (the kept sections were made with the "
+                               f"parent's); a branch can change: {', '.join(BRANCH_FIELDS)}")  # fmt: skip
+        source = self.jobs_dir / job_id
+        uploads = {name: source / Path(rel).name for name, rel in stored_uploads(parent_job.request).items()}
+        missing = sorted(n for n, path in {"input": source / INPUT, **uploads}.items() if not path.is_file())
+        if missing:
+            raise JobConflict(f"job {job_id} has lost its {', '.join(missing)} image; it cannot be branched")
+        request = build_request({**parent_job.params(), **params}, uploads)  # the branch's, checked like a submit
+        options = _check_options({**parent_job.options, **(options or {})})
+        folder = self._new_folder()
+        try:
+            for path in (source / INPUT, *uploads.values()):
+                shutil.copy2(path, folder / path.name)
+            stored, lora = request.to_json_dict(), self.lora_library().folder
+            absolute = _absolute(stored, folder, lora)  # what the worker will run
+            base = _absolute(parent_job.request, folder, lora)  # the parent's request, on the copied inputs
+            for attempt in range(3):  # a running parent replaces its video after each section: read it again
+                try:
+                    parent = find_parent(source / VIDEO, f"job {job_id}")
+                    plan = plan_branch(parent, at, {k: absolute[k] for k in params}, get_spec(parent_job.model),
+                                       base=base)  # fmt: skip
+                    prepare(plan, folder / STATE_DIR, Path(absolute["output"]), keep=self.checkpoints)
+                    break
+                except CheckpointError:
+                    if parent_job.state != "running" or attempt == 2:
+                        raise
+                    shutil.rmtree(folder / STATE_DIR, ignore_errors=True)
+            if plan.request.to_json_dict() != request_from_json(absolute).to_json_dict():
+                raise JobError("internal error: the branch's request differs from its job's")
+            info = {**plan.info(), "parent": job_id, "parent_video": f"{job_id}/{VIDEO}"}
+            with self._lock:
+                with self._write() as db:
+                    seq = self._next_seq(db)
+                    db.execute(
+                        "INSERT INTO jobs (id, seq, state, model, request, options, created, parent, branch)"
+                        " VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?)",
+                        (folder.name, seq, parent_job.model, json.dumps(stored), json.dumps(options), time.time(),
+                         job_id, json.dumps(info)),
+                    )  # fmt: skip
+                job = self.get(folder.name)
+                self._save_record(job)
+                self._reset_log(job.id)
+                self._emit(job.id, {"type": "state", "state": "queued", "branch": info})
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        self._wake.set()
+        return job
+
+    def pause(self, job_id: str) -> Job:
+        """Stop a running video job after the section it is making; it becomes `paused` (resumable)."""
+        with self._lock:
+            job = self.get(job_id)
+            if job.state != "running" or not self._running or self._running[0] != job_id:
+                raise JobConflict(f"job {job_id} is {job.state}: only a running job can be paused")
+            if job.kind != "video":
+                raise JobConflict(f"job {job_id} is a {job.kind} job (one image): cancel it instead")
+            self._running[1].pause()
+            return job
+
+    def sections(self, job_id: str) -> list[dict]:
+        """The job's finished sections (generation order): where each one's frames are in its video,
+        and whether it can be re-rolled (a branch before it) or branched after (`branching.section_table`)."""
+        from framepack.branching import section_table
+        from framepack.checkpoints import SectionStore, sections_dir
+        from framepack.video import probe
+
+        job = self.get(job_id)
+        video = self.jobs_dir / job_id / VIDEO
+        if job.kind != "video" or not video.is_file():
+            return []
+        try:
+            store = SectionStore.open(sections_dir(video), f"job {job_id}")
+            return section_table(store, probe(video)["frames"])
+        except ValueError:  # no checkpoints (turned off, or an older job), or a video being replaced
+            return []
+
+    def section_frame(self, job_id: str, section: int, which: str = "last") -> bytes:
+        """A JPEG (at most 256 px wide) of a finished section's first or last frame (the UI's strip);
+        JobNotFound if there is none."""
+        from PIL import Image
+
+        from framepack.video import frames_at
+
+        if which not in ("first", "last"):
+            raise JobNotFound(f"a section's frame is 'first' or 'last', not {which!r}")
+        rows = {r["section"]: r for r in self.sections(job_id)}
+        if section not in rows:
+            raise JobNotFound(f"job {job_id} has no finished section {section}")
+        video = self.jobs_dir / job_id / VIDEO
+        st = video.stat()
+        stamp = (st.st_size, st.st_mtime_ns)
+        cached = self._thumbs.get(job_id)
+        if cached is None or cached[0] != stamp:  # every section's two frames in one decoding pass
+            jpegs = {}
+            for i, frame in frames_at(video, [i for r in rows.values() for i in r["frames"]]).items():
+                image = Image.fromarray(frame)
+                image.thumbnail((256, 256))
+                buf = io.BytesIO()
+                image.save(buf, format="JPEG", quality=85)
+                jpegs[i] = buf.getvalue()
+            cached = (stamp, jpegs)
+            self._thumbs[job_id] = cached
+            while len(self._thumbs) > 16:  # the strips of the jobs looked at last
+                self._thumbs.pop(next(iter(self._thumbs)))
+        jpeg = cached[1].get(rows[section]["frames"][0 if which == "first" else 1])
+        if jpeg is None:
+            raise JobNotFound(f"job {job_id}: section {section}'s {which} frame is not in its video")
+        return jpeg
 
     def events(self, job_id: str, after: int = 0) -> list[dict]:
         """The job's events with seq > after, in order. A job with no events in this process (e.g. one
@@ -749,7 +884,7 @@ class JobQueue:
             pipe = self._get_pipeline(job.id, job.model)
             request = request_from_json(_absolute(job.request, folder, self.lora_library().folder))
             with _job_options(pipe, job.options):
-                result = pipe.run(request, on_event, token, state_dir=folder / STATE_DIR)
+                result = pipe.run(request, on_event, token, state_dir=folder / STATE_DIR, checkpoints=self.checkpoints)
         except Exception as err:  # engine failures (after a sidecar), bad requests/images, missing weights
             if is_disk_full(err):
                 error = disk_full_message(self.outputs, self._needed_by(job.id))
@@ -764,8 +899,12 @@ class JobQueue:
         state = {"finished": "done", "cancelled": "cancelled"}.get(result.status, "failed")
         if state == "cancelled" and self._interrupting:
             state = "interrupted"
+        elif state == "cancelled" and token.paused:
+            state = "paused"
         info = _relative(result.summary(), job.id)
-        error = "stopped by the server shutting down; resume to continue" if state == "interrupted" else None
+        error = {"interrupted": "stopped by the server shutting down; resume to continue",
+                 "paused": f"paused after section {result.summary().get('sections_done')}; resume to continue"
+                 }.get(state)  # fmt: skip
         self._finish(job.id, state, error=error, files=folder, result=info)
 
     def _finish(self, job_id: str, state: str, *, error: str | None = None, files: Path | None = None,
@@ -975,7 +1114,7 @@ class JobQueue:
             created=fields["created"], started=fields["started"], finished=fields["finished"],
             position=position if state == "queued" else None, progress=progress, result=fields["result"],
             error=problem or fields["error"], video=fields["video"], metadata=fields["metadata"],
-            parent=fields["parent"], resumable=resumable, seq=fields["seq"],
+            parent=fields["parent"], resumable=resumable, seq=fields["seq"], branch=_branch_info(fields["branch"]),
         )  # fmt: skip
 
     def _save_record(self, job: Job) -> None:
@@ -1053,19 +1192,21 @@ class JobQueue:
                       float(record.get("created") or folder.stat().st_mtime), record.get("started"),
                       record.get("finished"), json.dumps(record.get("progress") or {}),
                       json.dumps(record.get("result") or {}), record.get("error"), record.get("video"),
-                      record.get("metadata"), record.get("parent"))  # fmt: skip
+                      record.get("metadata"), record.get("parent"),
+                      json.dumps(record["branch"]) if isinstance(record.get("branch"), dict) else None)  # fmt: skip
             seq = record.get("seq")
             self.problems.append(f"job {folder.name}: re-imported from its {RECORD}")
         except (OSError, ValueError, TypeError) as err:
             error = f"the job folder {folder} has no readable {RECORD} ({err})"
             self.problems.append(f"job {folder.name}: {error}")
             values = (folder.name, "failed", self.default_model, "{}", "{}", folder.stat().st_mtime, None, None,
-                      "{}", "{}", error, None, None, None)  # fmt: skip
+                      "{}", "{}", error, None, None, None, None)  # fmt: skip
         with self._write() as db:
             seq = seq if isinstance(seq, int) and not isinstance(seq, bool) and seq > 0 else self._next_seq(db)
             db.execute(
                 "INSERT INTO jobs (id, seq, state, model, request, options, created, started, finished, progress,"
-                " result, error, video, metadata, parent) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " result, error, video, metadata, parent, branch)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (values[0], seq, *values[1:]),
             )
 
@@ -1079,7 +1220,17 @@ def _connect(path: Path) -> sqlite3.Connection:
     db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a killed process loses nothing it committed
     db.execute("PRAGMA busy_timeout=10000")
     db.executescript(_SCHEMA)
+    if "branch" not in {r[1] for r in db.execute("PRAGMA table_info(jobs)")}:  # a database of an older version
+        db.execute("ALTER TABLE jobs ADD COLUMN branch TEXT")
     return db
+
+
+def _branch_info(text: str | None) -> dict | None:
+    try:
+        value = json.loads(text) if text else None
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 class _FolderLock:

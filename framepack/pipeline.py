@@ -450,6 +450,8 @@ class JobRun:
         )
         frames = self.writer.num_frames
         self.emit(SectionDone(section.index, count, self.video_path, frames, frames / FPS))
+        if self.cancel.paused and self.done < count:  # stop at this boundary: nothing of the next is started
+            raise GenerationCancelled("paused")
 
     def _denoise(self, section: Section, frames_done: int) -> torch.Tensor:
         """The section's latents: its packed context and prompt, fresh noise, the sampler (+ step cache)."""

@@ -739,6 +739,27 @@ def read_frames(path: str | os.PathLike, start: int = 0, count: int | None = Non
     return np.stack(frames)  # (T, H, W, 3)
 
 
+def frames_at(path: str | os.PathLike, indices: Iterable[int]) -> dict[int, np.ndarray]:
+    """The frames at `indices` ((H, W, 3) uint8 RGB each), decoded in one pass up to the last of them."""
+    wanted = sorted({int(i) for i in indices})
+    found: dict[int, np.ndarray] = {}
+    if not wanted:
+        return found
+    p, container = _open_video(path)
+    with container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        try:
+            for i, frame in enumerate(container.decode(stream)):
+                if i in wanted:
+                    found[i] = frame.to_ndarray(format="rgb24")
+                if i >= wanted[-1]:
+                    break
+        except av.FFmpegError as e:
+            raise ValueError(f"cannot decode {p}: {e}") from e
+    return found
+
+
 def probe(path: str | os.PathLike) -> dict:
     """{"frames", "width", "height", "fps", "codec", "profile", "pix_fmt"} of the first video stream.
 

@@ -17,6 +17,13 @@ mounts the Gradio page on the same app, so both servers answer the same routes.
     POST   /api/jobs/{id}/move           {"position": n}: reorder a queued job (0 = next)
     POST   /api/jobs/{id}/resume         re-queue an interrupted/cancelled/failed job from its last section
     POST   /api/jobs/{id}/rerun          {"params": {...}, "model": ...}: a new job, this one's image and settings
+    POST   /api/jobs/{id}/branch         {"at": K, "params": {...}}: a new job sharing this video's first K sections
+                                         (generation order; "last": the most the changes allow), with the changed
+                                         settings from section K+1 on (re-roll: a new seed; a new prompt; continue:
+                                         more seconds)
+    POST   /api/jobs/{id}/pause          a running video stops after its current section (state paused; resume)
+    GET    /api/jobs/{id}/sections       its finished sections: frames in the video, whether each can be re-rolled
+    GET    /api/jobs/{id}/sections/{k}/first.jpg|last.jpg   a section's first / last frame (small JPEG)
     GET    /api/jobs/{id}/events         Server-Sent Events, in order, ending with a terminal `state` event
     GET    /api/jobs/{id}/video|sidecar|image|preview.png
     GET    /api/jobs/{id}/result.png     a frame edit's image (its control images: /api/files/{result.controls[i]})
@@ -206,10 +213,36 @@ class JobLinks(BaseModel):
     result_png: str | None = Field(None, description="a finished frame edit's image")
 
 
+class BranchInfo(BaseModel):
+    parent: str = Field(description="the parent job's id")
+    parent_video: str
+    at: int = Field(description="sections kept from the parent (generation order)")
+    changed: dict[str, list[Any]] = Field(description="field -> [parent's value, this job's value]")
+    parent_branch: dict[str, Any] | None = Field(None, description="the parent's own branch info, if it is one")
+
+
+class BranchBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    at: int | Literal["last"] = Field(description="finished sections of the parent to keep (generation order; 0 = "
+                                      "remake all), or 'last': the most the changes allow (continue)")  # fmt: skip
+    params: dict[str, Any] = Field(default_factory=dict, description="settings that change from section at+1 on "
+                                   "(seed, prompt, seconds, steps, guidance, cache and LoRA fields)")  # fmt: skip
+
+
+class SectionInfo(BaseModel):
+    section: int = Field(description="1-based, in generation order (the original model: from the video's end)")
+    video_index: int = Field(description="0-based position in the finished video")
+    frames: list[int] = Field(description="[first, last] frame of the section in the job's video")
+    reroll: bool = Field(description="a branch can start before it: re-roll it, or change the prompt from it on")
+    after: bool = Field(description="a branch can start after it (keeping it)")
+    first: str
+    last: str
+
+
 class JobInfo(BaseModel):
     id: str
     kind: Literal["video", "edit"] = Field(description="video, or edit (a frame edit: one image)")
-    state: Literal["queued", "running", "done", "failed", "cancelled", "interrupted"]
+    state: Literal["queued", "running", "done", "failed", "cancelled", "interrupted", "paused"]
     model: str
     params: dict[str, Any]  # JobParams or EditParams fields (a dict: records from older versions may differ)
     options: dict[str, Any]
@@ -222,6 +255,7 @@ class JobInfo(BaseModel):
     error: str | None
     resumable: bool
     parent: str | None
+    branch: BranchInfo | None = Field(None, description="a branch's parent job, branch point and changed settings")
     links: JobLinks
 
 
@@ -304,7 +338,7 @@ def create_app(
             params=job.params(), options=job.options, created=job.created, started=job.started,
             finished=job.finished, position=job.position,
             progress=Progress(**progress), result=JobResult(**result), error=job.error, resumable=job.resumable,
-            parent=job.parent, links=links,
+            parent=job.parent, branch=BranchInfo(**job.branch) if job.branch else None, links=links,
         )  # fmt: skip
 
     @app.get("/api/info", response_model=Info, tags=["server"])
@@ -385,6 +419,29 @@ def create_app(
         fields = _validated(merged)
         return info(queue.rerun(job_id, fields, model=body.model,
                                 options={"preserved_memory_gb": body.preserved_memory_gb}))  # fmt: skip
+
+    @app.post("/api/jobs/{job_id}/branch", status_code=201, response_model=JobInfo, responses=_ERRORS,
+              tags=["jobs"])  # fmt: skip
+    def branch_job(job_id: str, body: BranchBody) -> JobInfo:
+        """A new job from this video's state after `at` sections; `params` change from section at+1 on. F1
+        keeps the video's beginning and remakes its end; the original model (back to front) keeps the end
+        and remakes the part before it."""
+        return info(queue.branch(job_id, body.at, body.params))
+
+    @app.post("/api/jobs/{job_id}/pause", response_model=JobInfo, responses=_ERRORS, tags=["jobs"])
+    def pause_job(job_id: str) -> JobInfo:
+        return info(queue.pause(job_id))
+
+    @app.get("/api/jobs/{job_id}/sections", response_model=list[SectionInfo], responses=_ERRORS, tags=["jobs"])
+    def job_sections(job_id: str) -> list[SectionInfo]:
+        base = f"/api/jobs/{job_id}/sections"
+        return [SectionInfo(**row, first=f"{base}/{row['section']}/first.jpg", last=f"{base}/{row['section']}/last.jpg")
+                for row in queue.sections(job_id)]  # fmt: skip
+
+    @app.get("/api/jobs/{job_id}/sections/{section}/{which}.jpg", responses=_ERRORS, tags=["files"])
+    def section_frame(job_id: str, section: int, which: Literal["first", "last"]) -> Response:
+        return Response(queue.section_frame(job_id, section, which), media_type="image/jpeg",
+                        headers={"Cache-Control": "no-cache"})  # fmt: skip
 
     @app.get(
         "/api/jobs/{job_id}/events", tags=["jobs"], responses={**_ERRORS, 200: {"content": {"text/event-stream": {}}}}

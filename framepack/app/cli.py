@@ -469,6 +469,7 @@ def _add_app_args(p: argparse.ArgumentParser, *, port: int) -> None:
     p.add_argument("--memory", choices=["auto", "managed", "off"], default="auto", help="device memory management")
     p.add_argument("--lora-dir", help="folder of LoRA files offered by the UI's picker and searched for bare "
                    "names and recorded hashes (default <FRAMEPACK_HOME>/loras)")  # fmt: skip
+    add_checkpoint_args(p)
 
 
 def _app_models(default: str) -> list[str]:
@@ -496,7 +497,7 @@ def _open_queue(args: argparse.Namespace):
                              options=options)  # fmt: skip
 
     queue = JobQueue(args.outputs, loader=loader, models=_app_models(args.model), default_model=args.model,
-                     lora_dir=args.lora_dir)
+                     lora_dir=args.lora_dir, checkpoints=args.checkpoints)  # fmt: skip
     for problem in queue.problems:
         print(f"warning: {problem}", file=sys.stderr)
     return queue

@@ -25,12 +25,9 @@ length, so a branch with another length keeps only the sections whose padding st
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 from framepack import jobstate
 from framepack.checkpoints import KEEP_ALL, Checkpoint, CheckpointError, KeepPolicy, SectionStore, sections_dir
@@ -94,7 +91,7 @@ def find_parent(path: str | os.PathLike, name: str | None = None) -> Parent:
         raise RequestError(f"cannot branch from {label}: its video {video} is gone")
     store = SectionStore.open(sections_dir(video), label)
     layout = store.index.get("video")
-    if not layout or layout.get("name") != video.name or layout.get("bytes") != video.stat().st_size:
+    if not layout or layout.get("bytes") != video.stat().st_size:  # (renamed with its folder is fine)
         raise CheckpointError(f"cannot branch from {label}: {video} is not the file its checkpoints describe "
                               "(it was replaced or edited since)")  # fmt: skip
     return Parent(label, video, store)
@@ -108,11 +105,14 @@ class BranchPlan:
     changed: dict  # field -> [parent's value, branch's value] (JSON)
     checkpoint: Checkpoint
     sections: int  # the branch's section count
+    reseed: dict[str, int]  # sections done -> the seed the noise generator restarts from there (JSON keys)
 
     def info(self) -> dict:
-        """What the sidecar and the job record say about where the branch came from."""
+        """What the sidecar and the job record say about where the branch came from; `reseed` is what the
+        engine does with it (pipeline.JobRun), so a branch of a branch remakes its parent too."""
         return {"parent": self.parent.name, "parent_video": str(self.parent.video), "at": self.at,
-                "changed": self.changed, "parent_branch": self.parent.store.index.get("branch")}  # fmt: skip
+                "changed": self.changed, "reseed": self.reseed,
+                "parent_branch": self.parent.store.index.get("branch")}  # fmt: skip
 
 
 def _absolute(request: dict, cwd: str | None) -> dict:
@@ -173,8 +173,11 @@ def plan_branch(parent: Parent, at: int | str, changes: dict, spec, *, base: dic
         if parent_json.get(key) != ours_json.get(key):
             changed[key] = [parent_json.get(key), ours_json.get(key)]
     if "seed" in changed:  # the noise from the branch on comes from the new seed
-        checkpoint = dataclasses.replace(checkpoint, rng_state=torch.Generator().manual_seed(request.seed).get_state())
-    return BranchPlan(parent, at, request, changed, checkpoint, len(ours.sections))
+        reseed = {str(at): request.seed}
+    else:  # the parent's noise, including where it restarted after this point (a branch of a branch)
+        inherited = (parent.store.index.get("branch") or {}).get("reseed") or {}
+        reseed = {k: v for k, v in inherited.items() if int(k) >= at}
+    return BranchPlan(parent, at, request, changed, checkpoint, len(ours.sections), reseed)
 
 
 def _anchor(plan, section) -> str | None:

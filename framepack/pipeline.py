@@ -428,6 +428,9 @@ class JobRun:
         """Sample one section, add it to the history, decode its new frames into the MP4, save state."""
         ts = time.perf_counter()
         count = len(self.plan.sections)
+        reseed = (self.branch or {}).get("reseed") or {}
+        if str(self.done) in reseed:  # a branch with a new seed: its noise restarts at the branch point
+            self.rng.manual_seed(reseed[str(self.done)])
         generated = self._denoise(section, self.writer.num_frames)
         self.history = self.schedule.append(self.history, section, generated)
         td = time.perf_counter()

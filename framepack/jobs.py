@@ -13,12 +13,16 @@ Storage, all inside one outputs folder:
     OUTPUTS/jobs/<id>/edit.png  a frame edit's image (kind "edit") and edit.json, its sidecar
     OUTPUTS/jobs/<id>/<upload>.png  the other uploaded images: end_image, image_mask, control_N, control_N_mask
     OUTPUTS/jobs/<id>/state/    resume state, saved by the engine after every finished section
+    OUTPUTS/jobs/<id>/.video.sections/  section checkpoints (framepack.checkpoints): what a branch starts from
     OUTPUTS/jobs/<id>/job.json  a copy of the job's record, rewritten on every state change
 
-States: queued -> running -> done | failed | cancelled | interrupted. A job that was `running` when
+States: queued -> running -> done | failed | cancelled | interrupted | paused. A job that was `running` when
 its process died is found so at the next start and becomes `interrupted`; `resume` re-queues it and
 the engine continues from its last finished section (same seed -> same video as an uninterrupted
-run). Cancelled and failed jobs keep their partial MP4 and can be resumed too.
+run). Cancelled and failed jobs keep their partial MP4 and can be resumed too; `pause` stops a running
+video after its current section (paused: resumable). `branch` makes a new job from a video job's state
+after K sections (framepack.branching): its folder gets copies of the parent's inputs, checkpoints and
+shared segments at once, so it does not need the parent afterwards; `Job.branch` says where it came from.
 
 Contract:
   * One worker thread runs one job at a time, in queue order (`move` reorders queued jobs).

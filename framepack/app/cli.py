@@ -50,7 +50,7 @@ def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoints", default="all", metavar="all|N|none",
                    help="section checkpoints kept beside the video (hidden folder .NAME.sections) so `framepack "
                    "branch` can re-roll or continue from any finished section: all (default), the last N, or none; "
-                   "each holds one section's latents (about 3.7 MB at the 640 bucket)")  # fmt: skip
+                   "each holds one section's latents, ~3.5 MiB at the 640 bucket: more than the MP4 grows)")
     p.add_argument("--no-checkpoints", dest="checkpoints", action="store_const", const="none",
                    help="the same as --checkpoints none")  # fmt: skip
 

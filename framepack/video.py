@@ -621,16 +621,17 @@ class OverlapAssembler:
         if not self.growth.at_end:
             self._input = chunks
             return
-        if written:
-            return
         keep = min(self.overlap, len(tail))
+        edge = tail[len(tail) - keep :]
+        if written:  # the first section's cross-fade partner, for `restore` after that section
+            self._edge = torch.from_numpy(edge.astype(np.float32) / 127.5 - 1).permute(3, 0, 1, 2)[None]
+            return
         pending: np.ndarray | None = None
         for chunk in chunks():  # everything but the last `keep` frames is final
             pending = chunk if pending is None else np.concatenate([pending, chunk])
             if len(pending) > keep:
                 self.writer.add_final(pending[: len(pending) - keep], at="end")
                 pending = pending[len(pending) - keep :]
-        edge = tail[len(tail) - keep :]
         self._edge = torch.from_numpy(edge.astype(np.float32) / 127.5 - 1).permute(3, 0, 1, 2)[None]  # (1,3,T,H,W)
         self.writer.set_pending(edge, at="end")
         self.writer.write_snapshot()
@@ -651,11 +652,16 @@ class OverlapAssembler:
     def restore(self, last_section: torch.Tensor, sections: int) -> None:
         """Continue after `sections` sections whose last decode was `last_section` (B, 3, T, H, W).
 
-        The pending edge is always a raw slice of the latest decode (the official blend only touches
-        the side facing the older frames), so re-decoding the last section's latents restores it
-        exactly; the writer gets it back as its pending frames.
+        The pending edge is a raw slice of the latest decode (the official blend only touches the side
+        facing the older frames), so re-decoding the last section's latents restores it exactly; the
+        writer gets it back as its pending frames. The one exception is the first section after an
+        input video (`put_input_first(..., written=True)` gives its tail again): its decode can be
+        shorter than two overlaps, so the blend with the input's tail reaches into the edge, and is
+        replayed.
         """
         pixels = last_section.detach().cpu()
+        if sections == 1 and self._edge is not None:
+            pixels = self.growth.join(self._edge.to(pixels.dtype), pixels, self.overlap)
         keep = min(self.overlap, pixels.shape[2])
         self._edge = self.growth.edge(pixels, keep).clone()
         self._sections = sections

@@ -35,7 +35,7 @@ def env(tmp_path_factory, home):
 
 
 def _request(img, out, sections=4, **kw) -> GenerationRequest:
-    return GenerationRequest(image=img, prompt="a red box", steps=3, seconds=sections * SECTION_S, output=str(out),
+    return GenerationRequest(image=img, prompt="a red box", steps=2, seconds=sections * SECTION_S, output=str(out),
                              **kw)  # fmt: skip
 
 
@@ -234,3 +234,27 @@ def test_section_table_locates_each_section_in_the_video(parents):
         assert spans == [[0, 36], [37, 72], [73, 108], [109, 144], [145, 180]]  # 36N+1 frames, hand-computed
         first = rows[0]["frames"]  # generation section 1: F1's start, the original's end
         assert first == ([0, 36] if model == "tiny-f1" else [145, 180])
+
+
+@pytest.mark.parametrize("case", ["f1-extend", "original-extend", "t2v-f1", "t2v-original", "end-and-keyframe"])
+def test_branches_of_every_kind_of_input_remake_their_parent(env, tmp_path, case):
+    """Input videos (F1 continues one: its first section cross-fades with the input's tail, which a
+    branch after section 1 must replay), text-to-video (a generated start frame) and anchors."""
+    pipes, img = env
+    end = tmp_path / "end.png"
+    y = np.zeros((64, 64, 3), np.uint8)
+    y[30:50, 30:50] = (60, 200, 60)
+    Image.fromarray(y).save(end)
+    model = "tiny-f1" if case in ("f1-extend", "t2v-f1") else "tiny"
+    fields = {"image": img}
+    if case.endswith("extend"):
+        source = pipes["tiny-f1"].generate(_request(img, tmp_path / "src.mp4", sections=2))
+        fields = {"image": None, "video": str(source.video), "video_context_frames": 19}
+    elif case.startswith("t2v"):
+        fields = {"image": None}
+    elif case == "end-and-keyframe":
+        fields = {"image": img, "end_image": str(end), "keyframes": ((1.2, str(end)),)}
+    request = GenerationRequest(**{**_request(img, tmp_path / "p.mp4", sections=2).__dict__, **fields})
+    parent = pipes[model].generate(request)
+    result, _ = _branch(pipes[model], parent.video, 1, {}, tmp_path / "b1.mp4")
+    assert_same_file(result.video, parent.video)

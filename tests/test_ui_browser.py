@@ -292,3 +292,70 @@ def _upload_picture(page, editor: str, path: Path) -> None:
         except PlaywrightTimeout:
             if attempt == 2:
                 raise
+
+
+# [loaded, caption] of each thumbnail in the section strip
+STRIP_ITEMS = ("() => [...document.querySelectorAll('#fp-sections button.thumbnail-item')].map(b => {"
+               " const i = b.querySelector('img'); return [!!(i && i.complete && i.naturalWidth > 0),"
+               " b.innerText.trim() || (i && (i.alt || i.title)) || ''] })")  # fmt: skip
+
+
+def test_branch_from_a_section_in_a_real_browser(tmp_path):
+    """A finished 3-section video (the original model's tiny twin: generated back to front): picked in the
+    History, its strip shows the 3 sections; clicking section 2 and "Re-roll from here" queues a branch
+    that keeps section 1 (the end of the video) with a new seed; it finishes, and the History names it a
+    branch of its parent. Screenshots: ui_branch_reroll.png (the branch queued), ui_branch.png (the branch
+    picked)."""
+    with _served_page(tmp_path / "outputs", "ui_branch.png") as (page, url, queue):
+        parent = queue.submit(png_bytes(size=96), {**FAST, "seconds": 3.6})  # 3 sections of 2 steps
+        page.goto(url + "/")
+        page.wait_for_selector("#fp-start", timeout=30_000)
+        done = queue.wait(parent.id, 60)
+        assert done.state == "done", done.error
+        assert [r["section"] for r in queue.sections(parent.id)] == [1, 2, 3]
+
+        page.get_by_role("tab", name="History").click()
+        wait_until(lambda: parent.id in page.locator("#fp-history-table").inner_text(), 10, "the history table")
+        page.locator("#fp-history-pick input").click()
+        page.get_by_role("option", name=parent.id).click()
+        items = wait_until(lambda: (i := page.evaluate(STRIP_ITEMS)) and len(i) == 3 and all(x[0] for x in i) and i,
+                           20, "the strip's 3 loaded thumbnails", interval=0.2)  # fmt: skip
+        frames = [r["frames"] for r in queue.sections(parent.id)]
+        assert [c for _, c in items] == [f"section {k} · frames {a}–{b}" for k, (a, b) in enumerate(frames, 1)]
+        assert "from its end back to its start" in page.locator("#fp-sections-note").inner_text()
+        assert page.locator("#fp-reroll").is_disabled()  # nothing selected yet
+
+        page.locator("#fp-sections button.thumbnail-item").nth(1).click()  # section 2
+        selected = page.locator("#fp-section-selected")
+        wait_until(lambda: "Section 2 selected" in selected.inner_text(), 10, "the selected section's text")
+        assert "keeps sections 1..1" in selected.inner_text() and page.locator("#fp-reroll").is_enabled()
+        wait_until(lambda: [c for _, c in page.evaluate(STRIP_ITEMS)][1].startswith(ui.SELECTED_MARK), 10,
+                   "the selected thumbnail's mark")  # fmt: skip
+        page.click("#fp-reroll")
+
+        branch = wait_until(lambda: next((j for j in queue.list() if j.branch), None), 10, "the branch job")
+        info = branch.branch
+        assert (info["parent"], info["at"], branch.parent) == (parent.id, 1, parent.id)
+        old, new = info["changed"]["seed"]
+        assert old == done.request["seed"] and new != old and set(info["changed"]) == {"seed"}
+        status = page.locator("#fp-branch-status")
+        line = f"Branch {branch.id} queued: keeps sections 1..1 of {parent.id}"
+        wait_until(lambda: line in status.inner_text(), 10, "the branch's status line")
+        page.screenshot(path=str(ARTIFACTS / "ui_branch_reroll.png"), full_page=True)
+        finished = queue.wait(branch.id, 60)
+        assert finished.state == "done", finished.error
+        assert finished.result["frames"] == done.result["frames"]
+        wait_until(lambda: f"Branch of {parent.id} @1 (seed)" in page.locator("#fp-progress-desc").inner_text(), 10,
+                   "the Video tab following the branch")  # fmt: skip
+        table = page.locator("#fp-history-table")
+        wait_until(lambda: f"branch of {parent.id} @1 (seed)" in table.inner_text(), 10, "the branch in the History")
+
+        # Picked in the History, the branch shows its own 3 sections and says where it comes from.
+        page.locator("#fp-history-pick input").click()
+        page.get_by_role("option", name=branch.id).click()
+        title = page.locator("#fp-sections-title")
+        wait_until(lambda: f"branch of {parent.id} @1 (seed)" in title.inner_text(), 10, "the branch's strip title")
+        wait_until(lambda: len(page.evaluate(STRIP_ITEMS)) == 3, 10, "the branch's 3 sections")
+        details = page.locator("#fp-history-params")  # the job's details (gr.JSON puts each token on a line)
+        wait_until(lambda: f'"from":"branch of {parent.id} @1 (seed)"' in details.inner_text().replace("\n", ""), 10,
+                   "the branch's details")  # fmt: skip

@@ -21,6 +21,16 @@ picker (`LORA_ROWS` rows of file + weight over the queue's LoRA folder, include/
 progress text and History entry say what its step cache computed and skipped (`cache_summary`).
 `mount(app, queue)` puts the page at / of a FastAPI app (the HTTP API's, so one server has both).
 
+Branching (`JobQueue.branch`, `framepack.branching`): under the History tab's picked video job, a strip
+of its finished sections (generation order; each thumbnail its first and last frame, "section k · frames
+a–b"), refreshed by the slow tick as sections finish (`_strip`), with the schedule's line under it
+(`SCHEDULE_NOTES`: the original model makes the video back to front, so its section 1 is the end). A
+click selects a section (`section_summary`); "Re-roll from here" branches before it with a new seed,
+"Change prompt from here" with the typed prompt, "Continue" at "last" with more seconds; the Video tab
+follows the branch (`branch_status`). "Pause" beside "End Generation" (and in the queue panel) stops
+the running video after its section. The History's "from" column and a job's details say where a job
+comes from (`lineage`: "branch of <parent> @K (changed fields)", "re-run of <parent>").
+
 The "Frame edit" tab (beside "Video") submits frame edits (`config.EditRequest`, one image with the
 original model) to the same queue: a start image and up to `EDIT_REFERENCES` reference images, each
 with an optional mask, a preset (`EDIT_PRESETS`: choosing one sets the target index, the no-2x / 4x /
@@ -36,6 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 import html
+import io
 import json
 import secrets
 import time
@@ -74,7 +85,11 @@ CSS = """
 .fp-progress { display: flex; align-items: center; gap: 12px; }
 .fp-progress progress { flex: 1; height: 16px; }
 .fp-progress span { white-space: nowrap; }
+#fp-sections .thumbnail-item.selected:not(:hover) {
+    --ring-color: transparent; border-color: var(--border-color-primary);
+}
 """
+SELECTED_MARK = "▶ "  # the section strip's selected caption (the gallery's own highlight, kept across jobs, is hidden)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -314,8 +329,12 @@ def lora_settings(params: dict) -> tuple[list[Any], str, str, list[str]]:
 def progress_texts(job: Job, loras: list[str] | None = None, cache: str | None = None) -> tuple[str, str]:
     """(description markdown, progress bar HTML) in the official wording, plus section and state.
     `loras`: the lines of the job's `loras_applied` event (what each LoRA file matched), shown under it.
-    `cache`: an ended job's step cache result (`cache_summary`), shown last."""
+    `cache`: an ended job's step cache result (`cache_summary`), shown last. A branch or re-run says
+    where it comes from (`lineage`) after the first line."""
     desc, bar = _progress_texts(job)
+    origin = lineage(job)
+    if origin:
+        desc += f"  \n{_md_escape(origin[0].upper() + origin[1:])}."
     if loras and job.state != "queued":
         desc += "".join(f"  \n{_md_escape(line)}" for line in loras)
     if cache and job.terminal:
@@ -355,6 +374,8 @@ def _progress_texts(job: Job) -> tuple[str, str]:
     done = p.get("sections_done") or r.get("sections_done") or 0
     tail = f" {done} section(s) finished." if done else ""
     message = f"{job.state.capitalize()}.{tail}"
+    if job.state == "paused":
+        message += " Resume it from the History tab (or branch from its sections there)."
     if job.error and job.state != "cancelled":
         message += f" {job.error}"
     return message, ""
@@ -393,7 +414,7 @@ def _bar(percent: int, hint: str) -> str:
 
 QUEUE_HEADERS = ["job", "kind", "state", "model", "prompt", "progress"]
 HISTORY_HEADERS = ["job", "kind", "state", "model", "prompt", "seconds", "seed", "steps", "frames", "size",
-                   "peak VRAM GiB", "peak RAM GiB", "when", "error"]  # fmt: skip
+                   "peak VRAM GiB", "peak RAM GiB", "when", "from", "error"]  # fmt: skip
 
 
 def queue_rows(jobs: list[Job]) -> list[list[Any]]:
@@ -411,12 +432,126 @@ def history_rows(jobs: list[Job]) -> list[list[Any]]:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(j.finished or j.created))
         rows.append([j.id, j.kind, j.state, j.model, _short(j.request.get("prompt", "")), j.request.get("seconds"),
                      j.request.get("seed"), j.request.get("steps"), r.get("frames"), size, vram, ram, when,
-                     (j.error or "")[:120]])  # fmt: skip
+                     lineage(j), (j.error or "")[:120]])  # fmt: skip
     return rows
 
 
 def _short(text: str, n: int = 60) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
+
+
+# ------------------------------------------------------------------------------------- branching
+# The line under the section strip, by the model's schedule (framepack.registry: "inverted" / "forward").
+SCHEDULE_NOTES = {
+    "inverted": "This model generates the video from its end back to its start: section 1 is the end. A branch keeps "
+                "the sections before the one you pick (the end of the video) and makes the rest again. Continue (a "
+                "longer video) moves every section's RoPE padding, so it keeps only the sections it can (often none: "
+                "then it makes the whole video again).",
+    "forward": "This model generates the video from its start to its end: section 1 is the start. A branch keeps the "
+               "sections before the one you pick (the start of the video) and makes the rest again; Continue keeps "
+               "them all and adds to the end.",
+}  # fmt: skip
+KEPT_PART = {"inverted": "the end of the video", "forward": "the start of the video"}  # what sections 1..K are
+CONTINUE_SECONDS = 5.0  # "Continue" proposes the job's length plus this
+
+
+def schedule_of(model: str) -> str | None:
+    """The model's section schedule ("inverted": back to front, "forward": F1), None for an unknown model."""
+    from framepack.registry import get_spec
+
+    try:
+        return get_spec(model).schedule
+    except ValueError:
+        return None
+
+
+def lineage(job: Job) -> str:
+    """Where a job comes from, in words: "branch of <parent> @<K> (<changed fields>)", "re-run of <parent>",
+    or "" (neither)."""
+    info = job.branch
+    if isinstance(info, dict) and info.get("parent"):
+        changed = ", ".join(info.get("changed") or {}) or "no changes"
+        return f"branch of {info['parent']} @{info.get('at')} ({changed})"
+    return f"re-run of {job.parent}" if job.parent else ""
+
+
+def section_caption(row: dict) -> str:
+    """A strip thumbnail's caption (`JobQueue.sections` row)."""
+    first, last = row["frames"]
+    return f"section {row['section']} · frames {first}–{last}"
+
+
+def _span(rows: list[dict]) -> tuple[int, int]:
+    return min(r["frames"][0] for r in rows), max(r["frames"][1] for r in rows)
+
+
+def video_part(row: dict, rows: list[dict]) -> str:
+    """Which part of the job's video (as it is now) a section is: its start, its end, or part i of n."""
+    order = sorted(rows, key=lambda r: r["video_index"])
+    n, i = len(order), order.index(row)
+    if n == 1:
+        return "the whole video so far"
+    return "the start of the video" if i == 0 else "the end of the video" if i == n - 1 else f"part {i + 1} of {n}"
+
+
+def section_summary(row: dict, rows: list[dict]) -> str:
+    """The selected section in words: where it is in the video and what a branch from it keeps."""
+    k, (first, last) = row["section"], row["frames"]
+    text = (f"Section {k} selected: frames {first}–{last} ({first / FPS:.2f}–{(last + 1) / FPS:.2f} s), "
+            f"{video_part(row, rows)}.")  # fmt: skip
+    if not row["reroll"]:
+        return (f"{text} It cannot be re-rolled: the checkpoint before it was pruned (this job keeps only its "
+                "latest section checkpoints). Pick a later section, or Continue.")  # fmt: skip
+    kept = [r for r in rows if r["section"] < k]
+    if not kept:
+        return f"{text} A branch from here keeps nothing: it makes the whole video again."
+    a, b = _span(kept)
+    return f"{text} A branch from here keeps sections 1..{k - 1} (frames {a}–{b}) and makes section {k} on again."
+
+
+def changes_text(changed: dict) -> str:
+    """A branch's `changed` ({field: [old, new]}) in a line."""
+    parts = [f"{field} {_short(str(old), 30)} → {_short(str(new), 30)}" for field, (old, new) in changed.items()]
+    return "; ".join(parts) or "nothing"
+
+
+def branch_status(job: Job) -> str:
+    """The status line for a branch just queued: its id, what it keeps of its parent, what it changes."""
+    info = job.branch or {}
+    at, parent = info.get("at") or 0, info.get("parent")
+    if at:
+        part = KEPT_PART.get(schedule_of(job.model) or "")
+        kept = f"keeps sections 1..{at} of `{parent}`" + (f" ({part})" if part else "")
+    else:
+        kept = f"keeps none of `{parent}`'s sections (makes the whole video again)"
+    where = f" (#{job.position + 1} in the queue)" if job.position is not None else ""
+    changes = _md_escape(changes_text(info.get("changed") or {}))
+    return f"Branch `{job.id}` queued: {kept}; changes {changes}{where}. The Video tab follows it."
+
+
+def new_seed(old: Any = None) -> int:
+    """A random seed for "Re-roll from here", not the job's own."""
+    while True:
+        seed = secrets.randbelow(2**31)
+        if seed != old:
+            return seed
+
+
+def prompt_change(job: Job, text: str | None) -> dict:
+    """The params of "Change prompt from here"; ValueError when the prompt is the job's own."""
+    text = text or ""
+    if text == job.request.get("prompt", ""):
+        raise ValueError("That is the job's own prompt: type another one first (Re-roll from here makes the "
+                         "sections again with a new seed).")  # fmt: skip
+    return {"prompt": text}
+
+
+def continue_seconds(job: Job) -> float:
+    """What "Continue" proposes: the job's length plus CONTINUE_SECONDS, within the request's range."""
+    lo, hi = REQUEST_FIELDS["seconds"].range or (0.1, 3600)
+    seconds = job.request.get("seconds")
+    seconds = float(seconds if isinstance(seconds, (int, float)) else GenerationRequest.seconds)
+    return round(min(float(hi), max(float(lo), seconds + CONTINUE_SECONDS)), 1)
 
 
 # ------------------------------------------------------------------------------------- frame edits
@@ -546,6 +681,7 @@ def build(queue: JobQueue, *, title: str = "FramePack") -> gr.Blocks:
                         with gr.Row():
                             start = gr.Button("Start Generation", variant="primary", elem_id="fp-start")
                             end = gr.Button("End Generation", interactive=False, elem_id="fp-end")
+                            pause = gr.Button("Pause", interactive=False, elem_id="fp-pause")
                         with gr.Group():
                             with gr.Row():
                                 model = gr.Dropdown(list(queue.models), value=queue.default_model, label="Model",
@@ -608,6 +744,7 @@ def build(queue: JobQueue, *, title: str = "FramePack") -> gr.Blocks:
                 with gr.Row():
                     queue_pick = gr.Dropdown([], label="Queued or running job", elem_id="fp-queue-pick", scale=3)
                     cancel_btn = gr.Button("Cancel job", variant="stop", elem_id="fp-queue-cancel")
+                    pause_btn = gr.Button("Pause", elem_id="fp-queue-pause")
                     up_btn = gr.Button("Move up", elem_id="fp-queue-up")
                     down_btn = gr.Button("Move down", elem_id="fp-queue-down")
                     next_btn = gr.Button("Run next", elem_id="fp-queue-next")
@@ -622,14 +759,37 @@ def build(queue: JobQueue, *, title: str = "FramePack") -> gr.Blocks:
                 with gr.Row():
                     hist_video = gr.Video(label="Video", height=320, interactive=False)
                     with gr.Column():
-                        hist_params = gr.JSON(label="Parameters")
+                        hist_params = gr.JSON(label="Parameters", elem_id="fp-history-params")
                         hist_files = gr.File(label="Downloads (MP4 and sidecar)", file_count="multiple",
                                              interactive=False)  # fmt: skip
+                with gr.Group(elem_id="fp-branching"):  # the picked job's sections: branch from one
+                    strip_title = gr.Markdown("Pick a past video job to see its sections.", elem_id="fp-sections-title")
+                    strip = gr.Gallery(label="Sections (generation order): first and last frame", columns=6,
+                                       height=250, allow_preview=False, interactive=False, object_fit="contain",
+                                       fit_columns=False, format="jpeg", elem_id="fp-sections")  # fmt: skip
+                    strip_note = gr.Markdown("", elem_id="fp-sections-note")
+                    strip_selected = gr.Markdown("", elem_id="fp-section-selected")
+                    with gr.Row():
+                        reroll_btn = gr.Button("Re-roll from here", interactive=False, elem_id="fp-reroll")
+                        continue_to = gr.Number(CONTINUE_SECONDS + GenerationRequest.seconds, precision=1,
+                                                label="Continue to (seconds)", elem_id="fp-continue-seconds",
+                                                minimum=REQUEST_FIELDS["seconds"].range[0],
+                                                maximum=REQUEST_FIELDS["seconds"].range[1])  # fmt: skip
+                        continue_btn = gr.Button("Continue", interactive=False, elem_id="fp-continue")
+                    with gr.Row():
+                        branch_text = gr.Textbox(label="Prompt from the selected section on", scale=4,
+                                                 elem_id="fp-branch-prompt-text")  # fmt: skip
+                        branch_prompt_btn = gr.Button("Change prompt from here", interactive=False,
+                                                      elem_id="fp-branch-prompt")  # fmt: skip
+                    branch_note = gr.Markdown("", elem_id="fp-branch-status")
         gr.HTML('<div style="text-align:center;margin-top:20px">Share your results and find ideas at the '
                 '<a href="https://x.com/search?q=framepack&f=live" target="_blank">FramePack Twitter (X) '
                 "thread</a></div>")  # fmt: skip
         fast, slow = gr.Timer(0.5), gr.Timer(2.0)
         panel = gr.State({})
+        strip_job = gr.State(None)  # the job the strip shows (set by the History picker only)
+        chosen = gr.State(None)  # {"job", "section"}: the selected thumbnail (set by a pick and a click only)
+        strip_sent = gr.State({})  # what the strip shows now (`_strip`), so a tick sends only what changed
 
         # ---------------------------------------------------------------- handlers (thin)
         def on_start(img, text, model_name, res, *rest):
@@ -674,11 +834,24 @@ def build(queue: JobQueue, *, title: str = "FramePack") -> gr.Blocks:
         rescan.click(on_rescan, outputs=lora_files_out, show_progress="hidden", concurrency_limit=None)
         demo.load(on_rescan, outputs=lora_files_out, show_progress="hidden", concurrency_limit=None)  # new tabs
 
-        def on_fast(session):
-            return _follow(queue, session)
+        def on_pause(session):
+            job_id = _watched(queue, session)
+            if not job_id:
+                return "No job to pause."
+            try:
+                queue.pause(job_id)
+            except JobError as err:
+                return str(err)
+            return f"Pausing job `{job_id}` after its current section (then Resume it from the History tab) ..."
 
-        fast.tick(on_fast, inputs=[watch], outputs=[preview, video, desc, bar, end, watch], show_progress="hidden",
-                  concurrency_limit=None)  # fmt: skip
+        pause.click(on_pause, inputs=[watch], outputs=[status], concurrency_limit=None)
+
+        def on_fast(session):
+            *out, session = _follow(queue, session)
+            return [*out, *_pause_button(queue, session)]
+
+        fast.tick(on_fast, inputs=[watch], outputs=[preview, video, desc, bar, end, pause, watch],
+                  show_progress="hidden", concurrency_limit=None)  # fmt: skip
 
         def on_slow(state, q_value, h_value):
             return _panels(queue, state, q_value, h_value)
@@ -701,7 +874,9 @@ def build(queue: JobQueue, *, title: str = "FramePack") -> gr.Blocks:
         def moved(delta: int) -> Callable[[str], Any]:
             return lambda job_id: queue.move(job_id, max(0, (queue.get(job_id).position or 0) + delta))
 
-        for btn, action, verb in ((cancel_btn, queue.cancel, "cancelled"), (up_btn, moved(-1), "moved up"),
+        for btn, action, verb in ((cancel_btn, queue.cancel, "cancelled"),
+                                  (pause_btn, queue.pause, "pauses after its current section"),
+                                  (up_btn, moved(-1), "moved up"),
                                   (down_btn, moved(1), "moved down"),
                                   (next_btn, lambda j: queue.move(j, 0), "runs next")):  # fmt: skip
             btn.click(queue_action(action, verb), inputs=[queue_pick], outputs=[status], concurrency_limit=None)
@@ -717,6 +892,8 @@ def build(queue: JobQueue, *, title: str = "FramePack") -> gr.Blocks:
             video_path = next((f for f in files if f.endswith(".mp4")), None)  # an edit's PNG is in the files
             info = {"state": job.state, "model": job.model, "params": job.params(), "options": job.options,
                     "result": job.result, "error": job.error, "resumable": job.resumable}  # fmt: skip
+            if job.parent or job.branch:
+                info = {"from": lineage(job), **info, "parent": job.parent, "branch": job.branch}
             cache = (_sidecar(queue, job) or {}).get("step_cache")
             if cache:
                 info["step_cache"] = cache
@@ -724,11 +901,86 @@ def build(queue: JobQueue, *, title: str = "FramePack") -> gr.Blocks:
 
         hist_pick.change(on_pick, inputs=[hist_pick], outputs=[hist_video, hist_params, hist_files])
 
+        # The section strip: picking a job shows it; the slow tick refreshes it as sections finish; a click
+        # selects a section; the buttons branch.
+        strip_outputs = [strip, strip_title, strip_note, strip_selected, reroll_btn, branch_prompt_btn, continue_btn]
+
+        def on_strip_pick(job_id):
+            if not job_id:
+                return [gr.skip()] * (len(strip_outputs) + 6)
+            view = _strip(queue, job_id, None, {})
+            try:
+                job = queue.get(job_id)
+                text, seconds = job.request.get("prompt", ""), continue_seconds(job)
+            except JobError:
+                text, seconds = gr.skip(), gr.skip()
+            return [*view, job_id, None, text, seconds, ""]
+
+        # The user's picks only (the dropdown or a History row), not the slow tick's (its value None when the
+        # picked job leaves the History, as a resumed one does: the strip keeps following it).
+        pick_outputs = [*strip_outputs, strip_sent, strip_job, chosen, branch_text, continue_to, branch_note]
+        hist_pick.input(on_strip_pick, inputs=[hist_pick], outputs=pick_outputs, show_progress="hidden")
+
+        def on_strip_tick(job_id, picked, sent):
+            return _strip(queue, job_id, picked, sent) if job_id else [gr.skip()] * (len(strip_outputs) + 1)
+
+        slow.tick(on_strip_tick, inputs=[strip_job, chosen, strip_sent], outputs=[*strip_outputs, strip_sent],
+                  show_progress="hidden", concurrency_limit=None)  # fmt: skip
+
+        def on_section_select(job_id, evt: gr.SelectData):
+            rows = queue.sections(job_id) if job_id else []
+            index = evt.index if isinstance(evt.index, int) else None
+            if index is None or not 0 <= index < len(rows):
+                off = gr.update(interactive=False)
+                return None, "Pick a section of the strip.", off, off, _section_items(queue, job_id, rows)
+            row, k = rows[index], rows[index]["section"]
+            ok = gr.update(interactive=bool(row["reroll"]))
+            marked = _section_items(queue, job_id, rows, k)  # the selected one's caption marked
+            return {"job": job_id, "section": k}, section_summary(row, rows), ok, ok, marked
+
+        strip.select(on_section_select, inputs=[strip_job], outputs=[chosen, strip_selected, reroll_btn,
+                     branch_prompt_btn, strip], show_progress="hidden", concurrency_limit=None)  # fmt: skip
+
+        def branched(job_id: str, at: int | str, params: Callable[[Job], dict], session: dict) -> list:
+            """Branch `job_id` (the status line, the session following the branch, the End button)."""
+            try:
+                job = queue.branch(job_id, at, params(queue.get(job_id)))
+            except (ValueError, JobError) as err:  # RequestError, JobConflict: the user's to fix
+                return [f"Cannot branch job `{job_id}`: {_md_escape(str(err))}", gr.skip(), gr.skip()]
+            jobs = [*session.get("jobs", []), job.id]
+            return [branch_status(job), {**session, "jobs": jobs}, gr.update(interactive=True)]
+
+        def section_action(at: Callable[[int], int], params: Callable[[Job, Any], dict]) -> Callable:
+            def run(picked, value, session):
+                if not picked:
+                    return ["Pick a section of the strip first.", gr.skip(), gr.skip()]
+                return branched(picked["job"], at(picked["section"]), lambda job: params(job, value), session)
+
+            return run
+
+        branch_outputs = [branch_note, watch, end]
+        reroll_btn.click(section_action(lambda k: k - 1, lambda job, _: {"seed": new_seed(job.request.get("seed"))}),
+                         inputs=[chosen, branch_text, watch], outputs=branch_outputs,
+                         concurrency_limit=None)  # fmt: skip
+        branch_prompt_btn.click(section_action(lambda k: k - 1, prompt_change), inputs=[chosen, branch_text, watch],
+                                outputs=branch_outputs, concurrency_limit=None)  # fmt: skip
+
+        def on_continue(job_id, seconds, session):
+            if not job_id:
+                return ["Pick a past video job first.", gr.skip(), gr.skip()]
+            if seconds is None:
+                return ["Give the length to continue to (seconds).", gr.skip(), gr.skip()]
+            return branched(job_id, "last", lambda job: {"seconds": float(seconds)}, session)
+
+        continue_btn.click(on_continue, inputs=[strip_job, continue_to, watch], outputs=branch_outputs,
+                           concurrency_limit=None)  # fmt: skip
+
         def on_table_select(evt: gr.SelectData):
             row = evt.row_value or []
             return row[0] if row else gr.skip()
 
-        history_table.select(on_table_select, outputs=[hist_pick])
+        picked_row = history_table.select(on_table_select, outputs=[hist_pick])
+        picked_row.then(on_strip_pick, inputs=[hist_pick], outputs=pick_outputs, show_progress="hidden")
         queue_table.select(on_table_select, outputs=[queue_pick])
 
         def on_load(job_id):
@@ -881,6 +1133,87 @@ def _follow(queue: JobQueue, session: dict) -> list:
         out[4] = gr.update(interactive=running)
         shown["running"] = running
     return [*out, {**session, "shown": shown}]
+
+
+def _pause_button(queue: JobQueue, session: dict) -> list:
+    """The Pause button's update (only where changed: enabled while the watched job is a running video)
+    and the session."""
+    job_id = _watched(queue, session)
+    try:
+        job = queue.get(job_id) if job_id else None
+    except JobError:
+        job = None
+    pausable = job is not None and job.state == "running" and job.kind == "video"
+    shown = dict(session.get("shown") or {})
+    if shown.get("pausable") == pausable:
+        return [gr.skip(), session]
+    shown["pausable"] = pausable
+    return [gr.update(interactive=pausable), {**session, "shown": shown}]
+
+
+def _strip(queue: JobQueue, job_id: str, picked: dict | None, sent: dict) -> list:
+    """The section strip of job `job_id`, only where changed since `sent`: [thumbnails, title, the
+    schedule's note, the selected section's text, Re-roll, Change prompt, Continue, what is sent now].
+    `picked`: the selected section ({"job", "section"}), or None."""
+    skip = gr.skip()
+    try:
+        job = queue.get(job_id)
+    except JobError:
+        job = None
+    rows = queue.sections(job_id) if job is not None else []
+    before = sent.get("rows") or [None, None, []]
+    if not rows and job is not None and job.state == "running" and before[0] == job_id and before[2]:
+        return [skip] * 7 + [sent]  # its video is being replaced (a section just finished): the next tick sees it
+    rows_key = [job_id, job.state if job is not None else None, rows]
+    k = picked.get("section") if picked and picked.get("job") == job_id else None
+    row = next((r for r in rows if r["section"] == k), None)
+    selected_key = [rows_key, k]
+    out: list[Any] = [skip] * 7
+    if rows_key != sent.get("rows"):
+        out[0] = _section_items(queue, job_id, rows, row["section"] if row else None)
+        out[1] = _strip_title(job_id, job, rows)
+        out[2] = SCHEDULE_NOTES.get(schedule_of(job.model) or "", "") if job is not None and rows else ""
+        out[6] = gr.update(interactive=bool(rows))
+    if selected_key != sent.get("selected"):
+        out[3] = section_summary(row, rows) if row else "Click a section to branch from it." if rows else ""
+        out[4] = out[5] = gr.update(interactive=bool(row and row["reroll"]))
+    return [*out, {"rows": rows_key, "selected": selected_key}]
+
+
+def _strip_title(job_id: str, job: Job | None, rows: list[dict]) -> str:
+    if job is None:
+        return f"Job `{job_id}` is gone."
+    if job.kind != "video":
+        return f"Job `{job_id}` is a frame edit: it has no sections to branch from."
+    title = f"Sections of job `{job_id}` ({job.state}, {len(rows)} finished)"
+    origin = lineage(job)
+    if origin:
+        title += f" · {_md_escape(origin)}"
+    if not rows:
+        title += ": none to branch from (no section finished yet, or the job kept no section checkpoints)."
+    return title
+
+
+def _section_items(queue: JobQueue, job_id: str, rows: list[dict], selected: int | None = None) -> list[tuple]:
+    """(picture, caption) per finished section (generation order): its first and last frame side by side;
+    the `selected` section's caption starts with SELECTED_MARK."""
+    from PIL import Image
+
+    items = []
+    for row in rows:
+        pictures = []
+        for which in ("first", "last"):
+            try:
+                pictures.append(Image.open(io.BytesIO(queue.section_frame(job_id, row["section"], which))))
+            except (JobError, OSError):  # gone meanwhile: a grey square keeps the strip's order
+                pictures.append(Image.new("RGB", (64, 64), (128, 128, 128)))
+        gap = 4
+        width, height = sum(p.width for p in pictures) + gap, max(p.height for p in pictures)
+        both = Image.new("RGB", (width, height), (255, 255, 255))
+        both.paste(pictures[0].convert("RGB"), (0, 0))
+        both.paste(pictures[1].convert("RGB"), (pictures[0].width + gap, 0))
+        items.append((both, (SELECTED_MARK if row["section"] == selected else "") + section_caption(row)))
+    return items
 
 
 def _panels(queue: JobQueue, state: dict, q_value: str | None, h_value: str | None) -> list:

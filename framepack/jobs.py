@@ -449,23 +449,30 @@ class JobQueue:
                     raise StorageFull(disk_full_message(self.outputs, needed)) from err
                 raise
             _check_runnable(stored, folder, model, self.lora_library())  # the engine's whole check, as the CLI's
-            with self._lock:  # insert and first event together: the worker cannot claim it in between
-                with self._write() as db:
-                    seq = self._next_seq(db)
-                    db.execute(
-                        "INSERT INTO jobs (id, seq, state, model, request, options, created, parent)"
-                        " VALUES (?, ?, 'queued', ?, ?, ?, ?, ?)",
-                        (folder.name, seq, model, json.dumps(stored), json.dumps(options), time.time(), parent),
-                    )
-                job = self.get(folder.name)
-                self._save_record(job)
-                self._reset_log(job.id)
-                self._emit(job.id, {"type": "state", "state": "queued"})
+            job = self._insert(folder, model, stored, options, parent)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
         self._wake.set()
         return job
+
+    def _insert(self, folder: Path, model: str, stored: dict, options: dict, parent: str | None,
+                branch: dict | None = None) -> Job:  # fmt: skip
+        """Queue the job whose files are in `folder`: its row, record and first event together (under the
+        lock, so the worker cannot claim it in between)."""
+        with self._lock:
+            with self._write() as db:
+                db.execute(
+                    "INSERT INTO jobs (id, seq, state, model, request, options, created, parent, branch)"
+                    " VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?)",
+                    (folder.name, self._next_seq(db), model, json.dumps(stored), json.dumps(options), time.time(),
+                     parent, json.dumps(branch) if branch else None),
+                )  # fmt: skip
+            job = self.get(folder.name)
+            self._save_record(job)
+            self._reset_log(job.id)
+            self._emit(job.id, {"type": "state", "state": "queued", **({"branch": branch} if branch else {})})
+            return job
 
     def get(self, job_id: str) -> Job:
         with self._lock:
@@ -634,19 +641,7 @@ class JobQueue:
             if plan.request.to_json_dict() != request_from_json(absolute).to_json_dict():
                 raise JobError("internal error: the branch's request differs from its job's")
             info = {**plan.info(), "parent": job_id, "parent_video": f"{job_id}/{VIDEO}"}
-            with self._lock:
-                with self._write() as db:
-                    seq = self._next_seq(db)
-                    db.execute(
-                        "INSERT INTO jobs (id, seq, state, model, request, options, created, parent, branch)"
-                        " VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?)",
-                        (folder.name, seq, parent_job.model, json.dumps(stored), json.dumps(options), time.time(),
-                         job_id, json.dumps(info)),
-                    )  # fmt: skip
-                job = self.get(folder.name)
-                self._save_record(job)
-                self._reset_log(job.id)
-                self._emit(job.id, {"type": "state", "state": "queued", "branch": info})
+            job = self._insert(folder, parent_job.model, stored, options, job_id, info)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise

@@ -39,6 +39,18 @@ def tiny_loader(model: str):
         return _PIPES[model]
 
 
+def tiny_queue(folder: Path):
+    """A JobQueue on the tiny models in `folder` (a generator for fixtures: yields it, then leaves no work
+    behind for the next test and closes it)."""
+    from framepack.jobs import JobQueue
+
+    q = JobQueue(folder, loader=tiny_loader, models=["tiny", "tiny-f1"])
+    yield q
+    for job in q.list(["queued", "running"]):
+        q.cancel(job.id)
+    q.close()
+
+
 def png_bytes(size: int = 64, seed: int = 0) -> bytes:
     import io
 

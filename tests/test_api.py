@@ -10,11 +10,10 @@ import time
 
 import httpx
 import pytest
-from apphelpers import FAST, ThreadServer, home, png_bytes, sse_events, tiny_loader, wait_until
+from apphelpers import FAST, ThreadServer, home, png_bytes, sse_events, tiny_queue, wait_until
 from fastapi.testclient import TestClient
 
 from framepack.app.api import create_app
-from framepack.jobs import JobQueue
 from framepack.video import probe
 
 
@@ -25,11 +24,7 @@ def _home(tmp_path_factory, monkeypatch):
 
 @pytest.fixture
 def queue(tmp_path):
-    q = JobQueue(tmp_path / "outputs", loader=tiny_loader, models=["tiny", "tiny-f1"])
-    yield q
-    for job in q.list(["queued", "running"]):  # leave no work behind for the next test
-        q.cancel(job.id)
-    q.close()
+    yield from tiny_queue(tmp_path / "outputs")
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 import pytest
-from apphelpers import FAST, home, png_bytes, tiny_loader, wait_until
+from apphelpers import FAST, home, png_bytes, tiny_queue, wait_until
 from conftest import assert_same_file
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -16,7 +16,7 @@ from PIL import Image
 from framepack.app.api import create_app
 from framepack.app.cli import main
 from framepack.config import RequestError
-from framepack.jobs import JobConflict, JobQueue
+from framepack.jobs import JobConflict
 from framepack.video import probe, read_frames
 
 
@@ -27,11 +27,7 @@ def _home(tmp_path_factory, monkeypatch):
 
 @pytest.fixture
 def queue(tmp_path):
-    q = JobQueue(tmp_path / "outputs", loader=tiny_loader, models=["tiny", "tiny-f1"])
-    yield q
-    for job in q.list(["queued", "running"]):
-        q.cancel(job.id)
-    q.close()
+    yield from tiny_queue(tmp_path / "outputs")
 
 
 def _video(queue, job):

@@ -173,8 +173,10 @@ class Components:
         return self._merger.apply(loaded)
 
     # ---------------------------------------------------------------------------- memory
-    def plan_job(self, *, height: int, width: int, window: int, with_text: bool) -> MemoryManager | NullMemory:
-        """The memory manager of one job of latent size height x width (`NullMemory` when unmanaged)."""
+    def plan_job(self, *, height: int, width: int, window: int, with_text: bool,
+                 preserved_memory_gb: float | None = None) -> MemoryManager | NullMemory:  # fmt: skip
+        """The memory manager of one job of latent size height x width (`NullMemory` when unmanaged);
+        `preserved_memory_gb`: this job's, instead of the options' (a queued job's own setting)."""
         if not self.managed:
             return NullMemory()
         modules = {"transformer": self.transformer, "vae": self.vae, "image_encoder": self.image_encoder.model}
@@ -185,7 +187,7 @@ class Components:
             blocks["text_encoder"] = list(text.llama.layers)
         footprints = [footprint(n, m, blocks.get(n, []), height=height, width=width, window=window)
                       for n, m in modules.items()]  # fmt: skip
-        gb = self.options.preserved_memory_gb
+        gb = self.options.preserved_memory_gb if preserved_memory_gb is None else preserved_memory_gb
         if self.options.device_free_bytes is not None:  # a simulated device: exactly what the caller states
             free, preserved = self.options.device_free_bytes, int((gb or 0) * GiB)
         else:

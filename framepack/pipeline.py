@@ -132,6 +132,7 @@ class Pipeline:
         state_dir: str | os.PathLike | None = None,
         step_cache: StepCache | None = None,
         checkpoints: KeepPolicy | str | int | None = "all",
+        preserved_memory_gb: float | None = None,
     ) -> GenerationResult:
         """Run one job (the flow in the module docstring). `image` (uint8 HWC) may replace
         `request.image` for in-process callers.
@@ -142,6 +143,7 @@ class Pipeline:
         `step_cache`: use this step cache instead of the request's (e.g. a MagCache calibrator).
         `checkpoints`: the section checkpoints kept beside the video for branching (framepack.checkpoints):
         "all", the last N, or "none" / None.
+        `preserved_memory_gb`: device memory this job leaves free, instead of the pipeline's option.
 
         Errors before the video exists (bad inputs, memory budget, missing weights) are raised as they
         are. Once it exists, a cancel gives a `Cancelled` result and an error a `GenerationFailed`
@@ -152,12 +154,14 @@ class Pipeline:
             request = dataclasses.replace(request, image="<array>")
         plan = check_request(request, self.spec, image)
         keep = checkpoints if isinstance(checkpoints, KeepPolicy) else KeepPolicy.parse(checkpoints or "none")
-        run = JobRun(self, plan, on_event or _ignore, cancel or CancelToken(), state_dir, step_cache, keep)
+        run = JobRun(self, plan, on_event or _ignore, cancel or CancelToken(), state_dir, step_cache, keep,
+                     preserved_memory_gb)  # fmt: skip
         return self._execute(run)
 
     @torch.no_grad()
     def edit(self, request, on_event: EventCallback | None = None, cancel: CancelToken | None = None, *,
-             image: np.ndarray | None = None, step_cache: StepCache | None = None):  # fmt: skip
+             image: np.ndarray | None = None, step_cache: StepCache | None = None,
+             preserved_memory_gb: float | None = None):  # fmt: skip
         """A one-frame edit (`config.EditRequest`, framepack.oneframe): one PNG and its sidecar. Errors
         are raised as they are (nothing is written before the image exists); a cancel gives a
         `Cancelled` result with no image."""
@@ -166,15 +170,17 @@ class Pipeline:
         if image is not None and request.image is None:
             request = dataclasses.replace(request, image="<array>")
         plan = check_edit(request, self.spec, image)
-        return self._execute(EditRun(self, plan, on_event or _ignore, cancel or CancelToken(), None, step_cache))
+        return self._execute(EditRun(self, plan, on_event or _ignore, cancel or CancelToken(), None, step_cache,
+                                     preserved_memory_gb=preserved_memory_gb))  # fmt: skip
 
     def run(self, request, on_event: EventCallback | None = None, cancel: CancelToken | None = None, *,
-            state_dir: str | os.PathLike | None = None,
-            checkpoints: KeepPolicy | str | int | None = "all"):  # fmt: skip
+            state_dir: str | os.PathLike | None = None, checkpoints: KeepPolicy | str | int | None = "all",
+            preserved_memory_gb: float | None = None):  # fmt: skip
         """Any job kind (`request.kind`): a video (`generate`, resumable from `state_dir`) or a frame edit."""
         if request.kind == "edit":
-            return self.edit(request, on_event, cancel)
-        return self.generate(request, on_event, cancel, state_dir=state_dir, checkpoints=checkpoints)
+            return self.edit(request, on_event, cancel, preserved_memory_gb=preserved_memory_gb)
+        return self.generate(request, on_event, cancel, state_dir=state_dir, checkpoints=checkpoints,
+                             preserved_memory_gb=preserved_memory_gb)  # fmt: skip
 
     def _execute(self, run: JobRun):
         interrupted = False
@@ -228,7 +234,7 @@ class JobRun:
 
     def __init__(self, pipe: Pipeline, plan: JobPlan, emit: EventCallback, cancel: CancelToken,
                  state_dir: str | os.PathLike | None, step_cache: StepCache | None = None,
-                 keep: KeepPolicy | None = None) -> None:  # fmt: skip
+                 keep: KeepPolicy | None = None, preserved_memory_gb: float | None = None) -> None:  # fmt: skip
         self.pipe, self.c, self.device = pipe, pipe.c, pipe.device
         self.plan, self.request, self.schedule = plan, plan.request, plan.schedule
         self.emit, self.cancel = emit, cancel
@@ -267,7 +273,7 @@ class JobRun:
         self.need_text = any(self.c.cached_prompt(p) is None for p in self.prompts)
         height, width = plan.inputs.size
         self.memory = self.c.plan_job(height=height // 8, width=width // 8, window=request.window,
-                                      with_text=self.need_text)  # fmt: skip
+                                      with_text=self.need_text, preserved_memory_gb=preserved_memory_gb)  # fmt: skip
         table = find_table(pipe.spec, height, width, request.steps) if request.cache == "magcache" else None
         self.cache: StepCache | None = step_cache or make_step_cache(request, table)
         self.cond: _Conditioning | None = None

@@ -18,6 +18,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from framepack.app.api import create_app
+from framepack.app.progress import describe_progress
 from framepack.config import EDIT_PRESETS, EditControl, EditRequest, RequestError, request_from_json
 from framepack.images import ImageError
 from framepack.jobs import CONTROL_UPLOADS, SERVER_FIELDS, JobQueue, upload_fields
@@ -74,7 +75,7 @@ def test_edit_job_equals_a_direct_edit_and_a_resumed_edit_runs_again(tmp_path):
         assert (done.result["width"], done.result["height"], done.result["seed"]) == (64, 64, 7)
         kinds = [e["type"] if e["type"] != "state" else e["state"] for e in q.events(job.id)]
         assert kinds[:2] == ["queued", "running"] and "step" in kinds and kinds[-1] == "done"
-        assert done.progress["text"].startswith("Frame edit")
+        assert describe_progress(done.progress).startswith("Frame edit")  # the front ends' wording
         image = q.job_file(job.id, "edit")
         stored, model = read_settings(image)  # the PNG carries its request, as the CLI writes it
         assert model == "tiny" and stored["kind"] == "edit" and stored["controls"][0]["index"] == 12

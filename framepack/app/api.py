@@ -64,6 +64,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 import framepack
+from framepack.app.progress import describe_progress
 from framepack.config import EDIT_FIELDS, LORA_WEIGHT_RANGE, REQUEST_FIELDS, EditRequest, RequestError
 from framepack.images import ImageError
 from framepack.jobs import (
@@ -332,6 +333,7 @@ def create_app(
             result_png=f"{base}/result.png" if job.kind == EditRequest.kind and job.output else None,
         )
         progress = {k: v for k, v in job.progress.items() if k in Progress.model_fields}
+        progress["text"] = describe_progress(job.progress) or None
         result = {k: v for k, v in job.result.items() if k in JobResult.model_fields}
         return JobInfo(
             id=job.id, kind=job.kind if job.kind in KINDS else "video", state=job.state, model=job.model,

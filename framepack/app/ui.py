@@ -57,8 +57,9 @@ from typing import Any
 import gradio as gr
 import numpy as np
 
+from framepack.app.progress import describe_progress, stage_label
 from framepack.config import EDIT_FIELDS, EDIT_PRESETS, REQUEST_FIELDS, EditRequest, GenerationRequest, LoraRef
-from framepack.jobs import INPUT, SERVER_FIELDS, TERMINAL, Job, JobError, JobQueue, stage_label, upload_fields
+from framepack.jobs import INPUT, SERVER_FIELDS, TERMINAL, Job, JobError, JobQueue, upload_fields
 from framepack.models.caches import MagCache
 from framepack.sections import FPS, SCHEDULES
 
@@ -385,7 +386,7 @@ def _edit_texts(job: Job) -> tuple[str, str]:
     """A frame edit's progress (one frame: a step count, no sections or video length) or outcome."""
     p, r = job.progress, job.result
     if job.state == "running":
-        hint = p.get("text") or f"{stage_label(p.get('stage'))} ..."
+        hint = describe_progress(p) or f"{stage_label(p.get('stage'))} ..."
         pct = int(100 * p["step"] / p["steps"]) if p.get("stage") == "sampling" and p.get("steps") else 0
         return hint, _bar(pct, hint)
     if job.state == "done":
@@ -419,7 +420,7 @@ HISTORY_HEADERS = ["job", "kind", "state", "model", "prompt", "seconds", "seed",
 
 def queue_rows(jobs: list[Job]) -> list[list[Any]]:
     return [[j.id, j.kind, j.state if j.state != "queued" else f"queued #{j.position + 1}", j.model,
-             _short(j.request.get("prompt", "")), j.progress.get("text") or ""] for j in jobs]  # fmt: skip
+             _short(j.request.get("prompt", "")), describe_progress(j.progress)] for j in jobs]  # fmt: skip
 
 
 def history_rows(jobs: list[Job]) -> list[list[Any]]:

@@ -124,3 +124,15 @@ def test_api_branch_pause_and_sections(queue):
         assert client.post(f"/api/jobs/{parent.id}/branch", json={"at": 1, "seed": 1}).status_code == 422
         r = client.post(f"/api/jobs/{parent.id}/pause")
         assert r.status_code == 409 and "only a running job" in r.json()["detail"]
+
+
+def test_a_branch_needs_the_disk_space_of_its_video(queue, monkeypatch):
+    import framepack.jobs.queue as queue_mod
+    from framepack.jobs import StorageFull
+
+    parent = queue.wait(queue.submit(png_bytes(), {**FAST, "seconds": 2.4}, model="tiny").id, 120)
+    folders = sorted(p.name for p in queue.jobs_dir.iterdir())
+    monkeypatch.setattr(queue_mod, "disk_free", lambda path: 1000)
+    with pytest.raises(StorageFull, match="out of disk space"):
+        queue.branch(parent.id, 1, {"seed": 2})
+    assert sorted(p.name for p in queue.jobs_dir.iterdir()) == folders  # nothing half made

@@ -278,6 +278,8 @@ class JobQueue:
         Its folder gets copies of the parent's inputs, checkpoints 0..at and the shared sections' video
         segments now, so it stays whole if the parent is deleted. RequestError for what cannot be
         branched (the message says what can change and where); JobConflict for a job with no video."""
+        from PIL import Image
+
         from framepack.branching import BRANCH_FIELDS, find_parent, plan_branch, prepare
         from framepack.checkpoints import CheckpointError
         from framepack.registry import get_spec
@@ -299,6 +301,11 @@ class JobQueue:
             raise JobConflict(f"job {job_id} has lost its {', '.join(missing)} image; it cannot be branched")
         request = build_request({**parent_job.params(), **params}, uploads)  # the branch's, checked like a submit
         options = check_options({**parent_job.options, **(options or {})})
+        with Image.open(source / INPUT) as img:
+            width, height = img.size
+        needed = space_needed(request, (height, width), parent_job.model)  # the whole video, as a submit's
+        if disk_free(self.jobs_dir) < needed:
+            raise StorageFull(disk_full_message(self.outputs, needed))
         folder = self.store.new_folder()
         try:
             for path in (source / INPUT, *uploads.values()):
@@ -321,6 +328,11 @@ class JobQueue:
                 raise JobError("internal error: the branch's request differs from its job's")
             info = {**plan.info(), "parent": job_id, "parent_video": f"{job_id}/{VIDEO}"}
             job = self._insert(folder, parent_job.model, stored, options, job_id, info)
+        except OSError as err:
+            shutil.rmtree(folder, ignore_errors=True)
+            if is_disk_full(err):
+                raise StorageFull(disk_full_message(self.outputs, needed)) from err
+            raise
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise

@@ -35,7 +35,7 @@ from framepack.jobs.records import (
     JobNotFound,
     StorageFull,
 )
-from framepack.outputs import disk_full_message, is_disk_full
+from framepack.outputs import disk_full_message, is_disk_full, write_atomically
 from framepack.outputs import job_id as new_job_id
 
 ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -204,10 +204,9 @@ class JobStore:
         if not folder.is_dir():
             return
         record = {k: v for k, v in job.to_dict().items() if k not in ("position", "resumable")}  # with seq
+        text = json.dumps(record, indent=1) + "\n"
         with contextlib.suppress(OSError):
-            tmp = folder / (RECORD + ".partial")
-            tmp.write_text(json.dumps(record, indent=1) + "\n")
-            os.replace(tmp, folder / RECORD)
+            write_atomically(folder / RECORD, lambda tmp: tmp.write_text(text))
 
     def new_folder(self) -> Path:
         for _ in range(100):

@@ -138,6 +138,7 @@ def _drive(page, url: str, image: Path, queue: JobQueue) -> None:
     page.goto(url + "/")
     page.wait_for_selector("#fp-start", timeout=30_000)
     page.locator("#fp-image input[type=file]").set_input_files(str(image))
+    page.locator("#fp-image img").first.wait_for(state="visible", timeout=30_000)  # uploaded (slow under load)
     page.locator("#fp-prompt textarea").fill(FAST["prompt"])
     for field, value in (("seconds", "4.8"), ("steps", "2")):  # 4 sections of 2 steps
         box = page.locator(f"#fp-{field} input[type=number]")
@@ -155,7 +156,8 @@ def _drive(page, url: str, image: Path, queue: JobQueue) -> None:
         if "Section 2/4" in text:
             break
         page.wait_for_timeout(100)
-    assert any("Section 1/4" in t for t in texts) and "Section 2/4" in texts[-1], texts
+    status = page.locator("#fp-status").inner_text()
+    assert any("Section 1/4" in t for t in texts) and "Section 2/4" in texts[-1], (texts, status, queue.counts())
     assert "Total generated frames" in texts[-1]
     (first,) = queue.list(["running"])
 

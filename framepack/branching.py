@@ -25,7 +25,9 @@ length, so a branch with another length keeps only the sections whose padding st
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +43,14 @@ BRANCH_FIELDS = ("seed", "prompt", "negative_prompt", "seconds", "steps", "disti
                  "lora_exclude")  # fmt: skip
 _WHERE = ("output", "overwrite")
 _INPUT_FIELDS = ("image", "end_image", "video")
+
+
+def check_changeable(fields: Iterable[str], also: Iterable[str] = ()) -> None:
+    """RequestError naming the fields (besides `also`) that a branch cannot change, and the ones it can."""
+    fixed = sorted(set(fields) - set(BRANCH_FIELDS) - set(also))
+    if fixed:
+        raise RequestError(f"{', '.join(fixed)} cannot change at a branch (the kept sections were made with the "
+                           f"parent's); a branch can change: {', '.join(BRANCH_FIELDS)}")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -77,8 +87,6 @@ def find_parent(path: str | os.PathLike, name: str | None = None) -> Parent:
         stored, _ = read_settings(path)
         if stored.get("kind", "video") != "video":
             raise RequestError(f"{path} is a frame edit's result: only videos can be branched")
-        import json
-
         meta = json.loads(path.read_text(encoding="utf-8"))
         if not meta.get("video"):
             raise RequestError(f"{path} describes a job that left no video (status {meta.get('status')}): "
@@ -135,10 +143,7 @@ def plan_branch(parent: Parent, at: int | str, changes: dict, spec, *, base: dic
     the branch's own folder). RequestError names what was wrong and what is accepted."""
     from framepack.pipeline import check_request
 
-    fixed = sorted(set(changes) - set(BRANCH_FIELDS) - set(_WHERE))
-    if fixed:
-        raise RequestError(f"{', '.join(fixed)} cannot change at a branch (the kept sections were made with the "
-                           f"parent's); a branch can change: {', '.join(BRANCH_FIELDS)}")  # fmt: skip
+    check_changeable(changes, _WHERE)
     if spec.name != parent.model:
         raise RequestError(f"{parent.name} was made with model {parent.model!r}: a branch continues it with the "
                            "same model")  # fmt: skip

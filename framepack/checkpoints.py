@@ -113,14 +113,17 @@ class SectionStore:
         store._save_index()
         return store
 
-    def add(self, at: int, generated: torch.Tensor, rng: torch.Generator, writer: dict) -> None:
+    def add(self, at: int, generated: torch.Tensor, rng: torch.Generator, writer: dict, video: Path,
+            layout: list[list]) -> None:  # fmt: skip
         """Section `at` (1-based) finished: it generated `generated` (B, C, T, h, w); `rng` and `writer`
-        are their states after it. Older checkpoints beyond the policy are folded into the base."""
+        are their states after it, `video` and `layout` the file it was written to (as `set_video`).
+        Older checkpoints beyond the policy are folded into the base."""
         if at != self.index["last"] + 1:
             raise ValueError(f"section checkpoint {at} follows {self.index['last']}: they are added in order")
         self._save(_delta_name(at), {"generated": generated.detach().float().cpu().contiguous(),
                                      "rng_state": rng.get_state()}, {"writer": json.dumps(writer)})  # fmt: skip
         self.index["last"] = at
+        self._describe_video(video, layout)
         keep = self.index["keep"]
         if keep is not None and at - self.index["base"] + 1 > keep:
             new_base = at - keep + 1
@@ -136,8 +139,11 @@ class SectionStore:
 
     def set_video(self, video: Path, layout: list[list]) -> None:
         """Where the video file's segments are (`SectionVideoWriter.layout()`), after it was written."""
-        self.index["video"] = {"name": video.name, "bytes": video.stat().st_size, "segments": layout}
+        self._describe_video(video, layout)
         self._save_index()
+
+    def _describe_video(self, video: Path, layout: list[list]) -> None:
+        self.index["video"] = {"name": video.name, "bytes": video.stat().st_size, "segments": layout}
 
     def truncate(self, at: int) -> None:
         """Forget checkpoints after `at` (a job resumed from its saved state after section `at`: a crash

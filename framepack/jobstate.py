@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from framepack.outputs import write_atomically, write_json
 from framepack.sections import History
 
 STATE, TENSORS, SEGMENTS = "state.json", "history.safetensors", "segments"
@@ -50,15 +51,11 @@ def save(state_dir, *, request: dict, model: str, sections_done: int, video: Pat
     d.mkdir(parents=True, exist_ok=True)
     state = rng if isinstance(rng, torch.Tensor) else rng.get_state()
     tensors = {"start": history.start.contiguous(), "latents": history.latents.contiguous(), "rng_state": state}
-    tmp = d / (TENSORS + ".partial")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, d / TENSORS)
+    write_atomically(d / TENSORS, lambda tmp: save_file(tensors, str(tmp)))
     meta = {"request": request, "model": model, "sections_done": sections_done, "video": str(video),
             "writer": writer, "history_total": history.total, "history_extended": history.extended,
             "encode_seed": encode_seed, "branch": branch, "replaces": str(replaces) if replaces else None}  # fmt: skip
-    tmp = d / (STATE + ".partial")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, d / STATE)
+    write_json(d / STATE, meta)
 
 
 def load(state_dir) -> SavedJob:

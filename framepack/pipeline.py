@@ -446,8 +446,7 @@ class JobRun:
         self.assembler.add(decoded)
         self.done += 1
         if self.store is not None:  # before the resume state: a resume truncates the checkpoints to it
-            self.store.add(self.done, generated, self.rng, self.writer.state())
-            self.store.set_video(self.video_path, self.writer.layout())
+            self.store.add(self.done, generated, self.rng, self.writer.state(), self.video_path, self.writer.layout())
         if self.state_dir is not None:
             jobstate.save(self.state_dir, request=self.request.to_json_dict(), model=self.pipe.spec.name,
                           sections_done=self.done, video=self.video_path, writer=self.writer.state(),

@@ -623,8 +623,8 @@ class OverlapAssembler:
             return
         keep = min(self.overlap, len(tail))
         edge = tail[len(tail) - keep :]
-        if written:  # the first section's cross-fade partner, for `restore` after that section
-            self._edge = torch.from_numpy(edge.astype(np.float32) / 127.5 - 1).permute(3, 0, 1, 2)[None]
+        self._edge = torch.from_numpy(edge.astype(np.float32) / 127.5 - 1).permute(3, 0, 1, 2)[None]  # (1,3,T,H,W)
+        if written:  # kept as the first section's cross-fade partner, for `restore` after that section
             return
         pending: np.ndarray | None = None
         for chunk in chunks():  # everything but the last `keep` frames is final
@@ -632,7 +632,6 @@ class OverlapAssembler:
             if len(pending) > keep:
                 self.writer.add_final(pending[: len(pending) - keep], at="end")
                 pending = pending[len(pending) - keep :]
-        self._edge = torch.from_numpy(edge.astype(np.float32) / 127.5 - 1).permute(3, 0, 1, 2)[None]  # (1,3,T,H,W)
         self.writer.set_pending(edge, at="end")
         self.writer.write_snapshot()
 
@@ -747,10 +746,11 @@ def read_frames(path: str | os.PathLike, start: int = 0, count: int | None = Non
 
 def frames_at(path: str | os.PathLike, indices: Iterable[int]) -> dict[int, np.ndarray]:
     """The frames at `indices` ((H, W, 3) uint8 RGB each), decoded in one pass up to the last of them."""
-    wanted = sorted({int(i) for i in indices})
+    wanted = {int(i) for i in indices}
     found: dict[int, np.ndarray] = {}
     if not wanted:
         return found
+    last = max(wanted)
     p, container = _open_video(path)
     with container:
         stream = container.streams.video[0]
@@ -759,7 +759,7 @@ def frames_at(path: str | os.PathLike, indices: Iterable[int]) -> dict[int, np.n
             for i, frame in enumerate(container.decode(stream)):
                 if i in wanted:
                     found[i] = frame.to_ndarray(format="rgb24")
-                if i >= wanted[-1]:
+                if i >= last:
                     break
         except av.FFmpegError as e:
             raise ValueError(f"cannot decode {p}: {e}") from e

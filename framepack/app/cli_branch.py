@@ -68,13 +68,10 @@ def parent_path(text: str, outputs: str) -> tuple[Path, str | None]:
 def branch_changes(args: argparse.Namespace) -> dict:
     """The request fields given on the command line (the rest stay the parent's)."""
     from framepack.app.cli import _read_prompts_file, lora_overrides
-    from framepack.branching import BRANCH_FIELDS
+    from framepack.branching import BRANCH_FIELDS, check_changeable
     from framepack.config import RequestError
 
-    fixed = sorted(k[len("fixed_"):] for k, v in vars(args).items() if k.startswith("fixed_") and v is not None)
-    if fixed:
-        raise RequestError(f"{', '.join(fixed)} cannot change at a branch (the kept sections were made with the "
-                           f"parent's); a branch can change: {', '.join(BRANCH_FIELDS)}")  # fmt: skip
+    check_changeable(k[len("fixed_"):] for k, v in vars(args).items() if k.startswith("fixed_") and v is not None)
     changes = {k: getattr(args, k) for k in (*BRANCH_FIELDS, "output", "overwrite")
                if getattr(args, k, None) is not None}  # fmt: skip
     if args.prompts_file:

@@ -280,20 +280,17 @@ class JobQueue:
         branched (the message says what can change and where); JobConflict for a job with no video."""
         from PIL import Image
 
-        from framepack.branching import BRANCH_FIELDS, find_parent, plan_branch, prepare
+        from framepack.branching import check_changeable, find_parent, plan_branch, prepare
         from framepack.checkpoints import CheckpointError
         from framepack.registry import get_spec
 
         parent_job = self.get(job_id)
         if parent_job.kind != "video":
             raise JobConflict(f"job {job_id} is a {parent_job.kind} job: only videos can be branched")
-        params = dict(params or {}) if isinstance(params, dict) or params is None else params
-        if not isinstance(params, dict):
+        if params is not None and not isinstance(params, dict):
             raise RequestError(f"params must be a JSON object, got {type(params).__name__}")
-        fixed = sorted(set(params) - set(BRANCH_FIELDS))
-        if fixed:
-            raise RequestError(f"{', '.join(fixed)} cannot change at a branch (the kept sections were made with the "
-                               f"parent's); a branch can change: {', '.join(BRANCH_FIELDS)}")  # fmt: skip
+        params = dict(params or {})
+        check_changeable(params)  # before anything is copied (output / overwrite are the server's here)
         source = self.jobs_dir / job_id
         uploads = {name: source / Path(rel).name for name, rel in stored_uploads(parent_job.request).items()}
         missing = sorted(n for n, path in {"input": source / INPUT, **uploads}.items() if not path.is_file())

@@ -311,6 +311,7 @@ def test_ui_tab_queues_an_edit_with_the_presets_layout(tmp_path):
         assert q.wait(job_id, 60).state == "done"
         ((path, caption),) = ui.edit_gallery(q)
         assert path.endswith(f"{job_id}/edit.png") and caption.startswith(job_id)
-        assert "Finished: edited image 64x64" in ui.edit_status(q, session)
+        line = ui.edit_status(q, session)  # it replaces the submission's line, so it names the job the same way
+        assert line.startswith(f"Edit job `{job_id}`") and "Finished: edited image 64x64" in line, line
         row = ui.history_rows(q.list())[0]
         assert row[:3] == [job_id, "edit", "done"] and row[9] == "64x64"

@@ -651,7 +651,7 @@ def edit_status(queue: JobQueue, session: dict) -> str:
     except JobError:
         return ""
     where = f" (#{job.position + 1} in the queue)" if job.state == "queued" else ""
-    return f"Job `{job.id}`{where}: {_progress_texts(job)[0]}"
+    return f"Edit job `{job.id}`{where}: {_progress_texts(job)[0]}"
 
 
 # ------------------------------------------------------------------------------------- the page

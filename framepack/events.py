@@ -26,12 +26,32 @@ class CancelToken:
     def __init__(self) -> None:
         self._event = threading.Event()
         self._pause = threading.Event()
+        self._watchers: list[Any] = []
 
     def cancel(self) -> None:
         self._event.set()
+        self._tell("cancel")
 
     def pause(self) -> None:
         self._pause.set()
+        self._tell("pause")
+
+    def watch(self, callback: Any) -> None:
+        """Call `callback("cancel" | "pause")` on each cancel / pause from now on, and at once for one asked
+        for already (a runner forwarding them to a job running elsewhere)."""
+        self._watchers.append(callback)
+        if self._pause.is_set():
+            callback("pause")
+        if self._event.is_set():
+            callback("cancel")
+
+    def unwatch(self, callback: Any) -> None:
+        if callback in self._watchers:
+            self._watchers.remove(callback)
+
+    def _tell(self, how: str) -> None:
+        for callback in list(self._watchers):
+            callback(how)
 
     @property
     def paused(self) -> bool:

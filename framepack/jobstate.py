@@ -7,6 +7,10 @@
 Both files are replaced atomically after the section's frames are in the segments; the pending
 edge is not saved (it is a slice of the last section's decode, recomputed on resume). Resuming
 with the same request and seed therefore gives the same latents as an uninterrupted run.
+
+state.json records the folder holding STATE_DIR when it was saved; a state found in another folder
+(the outputs folder was moved, or another worker runs a copy of the job) has the paths inside that
+folder moved with it, so the job resumes where it now is.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from framepack.outputs import write_atomically, write_json
+from framepack.outputs import relocate, write_atomically, write_json
 from framepack.sections import History
 
 STATE, TENSORS, SEGMENTS = "state.json", "history.safetensors", "segments"
@@ -54,8 +58,13 @@ def save(state_dir, *, request: dict, model: str, sections_done: int, video: Pat
     write_atomically(d / TENSORS, lambda tmp: save_file(tensors, str(tmp)))
     meta = {"request": request, "model": model, "sections_done": sections_done, "video": str(video),
             "writer": writer, "history_total": history.total, "history_extended": history.extended,
-            "encode_seed": encode_seed, "branch": branch, "replaces": str(replaces) if replaces else None}  # fmt: skip
+            "encode_seed": encode_seed, "branch": branch, "replaces": str(replaces) if replaces else None,
+            "folder": _folder(d)}  # fmt: skip
     write_json(d / STATE, meta)
+
+
+def _folder(state_dir: Path) -> str:
+    return os.path.abspath(state_dir.parent)
 
 
 def load(state_dir) -> SavedJob:
@@ -65,6 +74,9 @@ def load(state_dir) -> SavedJob:
         t = load_file(str(d / TENSORS))
     except Exception as err:  # a damaged state is reported, not fatal to whoever lists jobs
         raise ValueError(f"cannot resume from {d}: its saved state is missing or damaged ({err})") from err
+    if meta.get("folder") and meta["folder"] != _folder(d):  # the job folder moved: its paths move with it
+        moved = {k: meta.pop(k) for k in ("request", "video", "replaces", "writer")}
+        meta.update(relocate(moved, meta["folder"], _folder(d)))
     history = History(t["start"], t["latents"], meta["history_total"], bool(meta.get("history_extended")))
     replaces = meta.get("replaces")
     return SavedJob(meta["request"], meta["model"], meta["sections_done"], Path(meta["video"]), meta["writer"],

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -248,6 +249,20 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def relocate(value: Any, old: str, new: str) -> Any:
+    """`value` (JSON data) with every path string inside folder `old` moved to folder `new` (a job folder
+    resumed elsewhere: a moved outputs folder, another worker's scratch copy)."""
+    if isinstance(value, str):
+        if value == old:
+            return new
+        return new + value[len(old) :] if value.startswith(old.rstrip(os.sep) + os.sep) else value
+    if isinstance(value, list):
+        return [relocate(v, old, new) for v in value]
+    if isinstance(value, dict):
+        return {k: relocate(v, old, new) for k, v in value.items()}
+    return value
 
 
 def write_json(path: Path, data: dict) -> None:

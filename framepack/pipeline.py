@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -629,3 +630,21 @@ def load_pipeline(
     components = load_components(model, dev, dtype=dtype, attention=attention, models_dir=models_dir,
                                  download=download, prompt_cache_dir=prompt_cache_dir, options=options)  # fmt: skip
     return Pipeline(components, device=dev)
+
+
+@dataclass(frozen=True)
+class PipelineLoader:
+    """`load_pipeline` with its settings bound: `loader(model)` loads one model. Plain data, so it can be
+    sent to other processes (the job queue's Ray workers load their pipelines with it)."""
+
+    device: str | None = None
+    models_dir: str | None = None
+    download: bool = True
+    options: RuntimeOptions | None = None
+    announce: bool = False  # say "loading model ..." on stderr first (the servers do)
+
+    def __call__(self, model: str) -> Pipeline:
+        if self.announce:
+            print(f"loading model {model!r} ...", file=sys.stderr, flush=True)
+        return load_pipeline(model, device=self.device, models_dir=self.models_dir, download=self.download,
+                             options=self.options)  # fmt: skip

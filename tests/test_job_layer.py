@@ -3,13 +3,15 @@ per-job options reach the engine as arguments, and the parts (store, event log) 
 
 from __future__ import annotations
 
+import json
+import sqlite3
 import threading
 
 import pytest
-from apphelpers import FAST, home, png_bytes, tiny_loader
+from apphelpers import FAST, cancel_after_first_section, home, png_bytes, tiny_loader, wait_until
 
 from framepack.events import StageStarted, StepProgress
-from framepack.jobs import JobQueue, RunOutcome
+from framepack.jobs import DB_NAME, JobQueue, RunOutcome, shipping
 from framepack.jobs.eventlog import EventLog
 from framepack.jobs.store import JobStore
 
@@ -90,3 +92,121 @@ def test_the_store_and_the_event_log_on_their_own(tmp_path):
     store.finish(claimed.id, {"state": "done", "finished": 1.0, "result": {"frames": 9}})
     assert store.get(claimed.id).result == {"frames": 9} and store.counts() == {"done": 1, "queued": 2}
     store.close()
+
+
+class SlowRunner:
+    """Holds each job until released; records how many ran at once. `lose` job ids: the first run of each
+    ends as if its worker died (RunOutcome "queued")."""
+
+    slots = 2
+
+    def __init__(self, lose=()):
+        self.lock, self.running, self.most, self.order = threading.Lock(), 0, 0, []
+        self.go = threading.Event()
+        self.lose = set(lose)
+
+    def run(self, job, folder, on_event, token, *, interrupting):
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+            self.order.append(job.id)
+        self.go.wait(30)
+        with self.lock:
+            self.running -= 1
+        if job.id in self.lose:
+            self.lose.discard(job.id)
+            return RunOutcome("queued", "worker w1 was lost")
+        return RunOutcome("done", None, {}, files=False)
+
+
+def test_a_runner_with_two_slots_runs_two_jobs_at_once_and_a_lost_run_goes_back_first(tmp_path):
+    runner = SlowRunner()
+    with JobQueue(tmp_path, loader=tiny_loader, models=["tiny"], runner=runner) as q:
+        assert q.dispatcher.slots == 2
+        ids = [q.submit(png_bytes(), FAST).id for _ in range(4)]
+        wait_until(lambda: runner.running == 2, 20, "two jobs running")
+        assert [j.state for j in map(q.get, ids)] == ["running", "running", "queued", "queued"]
+        runner.lose = {ids[0]}
+        runner.go.set()
+        done = [q.wait(i, 30) for i in ids]
+        assert [j.state for j in done] == ["done"] * 4 and runner.most == 2
+        assert runner.order.count(ids[0]) == 2 and runner.order.index(ids[0], 1) == 2  # ran again, before the rest
+        (back,) = [e for e in q.events(ids[0]) if e.get("requeued")]
+        assert back["state"] == "queued" and back["requeued"] == "worker w1 was lost"
+
+
+@pytest.fixture(scope="module")
+def two_sections(tmp_path_factory):
+    """The tiny model's uninterrupted 2-section video for REQUEST, made once for the module."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FRAMEPACK_HOME", home(tmp_path_factory))
+    with JobQueue(folder, loader=tiny_loader, models=["tiny"]) as q:
+        job = q.wait(q.submit(png_bytes(seed=4), REQUEST).id, 120)
+        assert job.state == "done", job.error
+        video = q.job_file(job.id, "video").read_bytes()
+    mp.undo()
+    return video
+
+
+REQUEST = {**FAST, "seconds": 3.0, "seed": 21}  # two sections
+
+
+def _stopped_after_one_section(folder):
+    with JobQueue(folder, loader=tiny_loader, models=["tiny"]) as q:
+        job = q.submit(png_bytes(seed=4), REQUEST)
+        cancel_after_first_section(q, job.id)
+        assert q.wait(job.id, 60).state == "cancelled"
+    return job.id
+
+
+def test_a_head_restart_puts_the_jobs_that_were_running_back_in_the_queue(tmp_path, two_sections):
+    job_id = _stopped_after_one_section(tmp_path)
+    with sqlite3.connect(tmp_path / DB_NAME) as db:  # as a head killed mid-run leaves it
+        db.execute("UPDATE jobs SET state = 'running', finished = NULL WHERE id = ?", (job_id,))
+    with JobQueue(tmp_path, loader=tiny_loader, models=["tiny"], requeue_running=True) as q:
+        assert any("back in the queue" in p for p in q.problems)
+        done = q.wait(job_id, 120)
+        assert done.state == "done", done.error
+        assert q.job_file(job_id, "video").read_bytes() == two_sections
+        assert [e["section"] for e in q.events(job_id) if e["type"] == "section"] == [1]  # only the second was made
+
+
+def test_a_moved_outputs_folder_keeps_its_jobs_resumable(tmp_path, two_sections):
+    job_id = _stopped_after_one_section(tmp_path / "before")
+    (tmp_path / "before").rename(tmp_path / "after")
+    with JobQueue(tmp_path / "after", loader=tiny_loader, models=["tiny"]) as q:
+        q.resume(job_id)
+        done = q.wait(job_id, 120)
+        assert done.state == "done", done.error
+        assert q.job_file(job_id, "video").read_bytes() == two_sections
+        sidecar = json.loads((q.jobs_dir / done.metadata).read_text())
+        assert str(tmp_path / "before") not in json.dumps(sidecar)  # the paths moved with the folder
+
+
+def test_shipping_a_job_folder_and_its_changes_back(tmp_path):
+    head, scratch = tmp_path / "head" / "jobs" / "J", tmp_path / "worker" / "J"
+    (head / "state").mkdir(parents=True)
+    (head / "input.png").write_bytes(b"png")
+    (head / "job.json").write_text("{}")
+    (head / "state" / "state.json").write_text(json.dumps({"video": str(head / "video.mp4"), "n": 1}))
+    files = shipping.bundle(head)
+    assert sorted(files) == ["input.png", "state/state.json"]  # the head's own record stays home
+    scratch.mkdir(parents=True)
+    shipping.unpack(scratch, files, origin=head)
+    assert json.loads((scratch / "state" / "state.json").read_text())["video"] == str(scratch / "video.mp4")
+    sync = shipping.FolderSync(scratch)
+    assert not sync.changes()
+    (scratch / "video.mp4").write_bytes(b"mp4")
+    (scratch / "state" / "state.json").write_text(json.dumps({"video": str(scratch / "video.mp4"), "n": 2}))
+    (scratch / "input.png").unlink()
+    changes = sync.changes()
+    assert sorted(changes.files) == ["state/state.json", "video.mp4"] and changes.deleted == ["input.png"]
+    shipping.apply_changes(head, changes)
+    assert json.loads((head / "state" / "state.json").read_text()) == {"video": str(head / "video.mp4"), "n": 2}
+    assert (head / "video.mp4").read_bytes() == b"mp4" and not (head / "input.png").exists()
+    assert (head / "job.json").read_text() == "{}"
+    for bad in ("../x", "/etc/passwd", "a/../../x", "a\\b", ""):
+        with pytest.raises(shipping.ShippingError, match="not a plain path inside the job folder"):
+            shipping.apply_changes(head, shipping.Changes(str(scratch), {bad: b"x"}))
+    assert not (tmp_path / "head" / "x").exists()

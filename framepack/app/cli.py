@@ -470,6 +470,15 @@ def _add_app_args(p: argparse.ArgumentParser, *, port: int) -> None:
     p.add_argument("--lora-dir", help="folder of LoRA files offered by the UI's picker and searched for bare "
                    "names and recorded hashes (default <FRAMEPACK_HOME>/loras)")  # fmt: skip
     add_checkpoint_args(p)
+    ray = p.add_argument_group("scale out on Ray (pip install -e \".[cluster]\")")
+    ray.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                     help="run jobs on Ray GPU worker actors, one per GPU: alone, a local Ray instance on this "
+                     "machine; ADDRESS: a running cluster (auto, HOST:6379, ray://HOST:10001)")  # fmt: skip
+    ray.add_argument("--workers", type=int, metavar="N", help="Ray worker actors (default: one per GPU of the cluster)")
+    ray.add_argument("--ray-files", choices=["auto", "shared", "ship"], default="auto",
+                     help="how workers reach the outputs folder: shared (the same path on every node, e.g. NFS), "
+                     "ship (the job folder travels with the job, results come back after every section), auto "
+                     "(default: shared where a worker sees the folder, else ship)")  # fmt: skip
 
 
 def _app_models(default: str) -> list[str]:
@@ -482,24 +491,35 @@ def _app_models(default: str) -> list[str]:
 
 def _open_queue(args: argparse.Namespace):
     from framepack.config import RuntimeOptions
-    from framepack.jobs import JobQueue
+    from framepack.jobs import JobError, JobQueue
+    from framepack.pipeline import PipelineLoader
 
     if args.offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
     options = RuntimeOptions(preserved_memory_gb=args.preserved_memory, fp8=args.fp8, memory=args.memory,
                              lora_dir=args.lora_dir, compile=args.compile)  # fmt: skip
 
-    def loader(model: str):
-        from framepack.pipeline import load_pipeline
+    loader = PipelineLoader(device=args.device, models_dir=args.models_dir, download=not args.offline,
+                            options=options, announce=True)  # fmt: skip
 
-        print(f"loading model {model!r} ...", file=sys.stderr, flush=True)
-        return load_pipeline(model, device=args.device, models_dir=args.models_dir, download=not args.offline,
-                             options=options)  # fmt: skip
+    runner = None
+    if args.ray is not None or args.workers is not None:
+        from framepack.jobs.ray_runner import RayRunner, RaySettings
 
+        if args.ray is None:
+            raise JobError("--workers sets the Ray worker count: use it with --ray")
+        settings = RaySettings(address=None if args.ray == "local" else args.ray, workers=args.workers,
+                               files=args.ray_files, gpus_per_worker=0 if args.device == "cpu" else 1)  # fmt: skip
+        runner = RayRunner.factory(loader, settings)
     queue = JobQueue(args.outputs, loader=loader, models=_app_models(args.model), default_model=args.model,
-                     lora_dir=args.lora_dir, checkpoints=args.checkpoints)  # fmt: skip
+                     lora_dir=args.lora_dir, checkpoints=args.checkpoints, runner=runner,
+                     requeue_running=runner is not None)  # fmt: skip
     for problem in queue.problems:
         print(f"warning: {problem}", file=sys.stderr)
+    if runner is not None:
+        r = queue.runner
+        print(f"Ray: {r.slots} worker{'s' if r.slots != 1 else ''} ({r.connection} {r.address}); "
+              f"outputs {args.ray_files}; `ray status` shows the cluster", file=sys.stderr)  # fmt: skip
     return queue
 
 

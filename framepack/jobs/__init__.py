@@ -55,12 +55,12 @@ from framepack.jobs.records import (
     stored_uploads,
     upload_fields,
 )
-from framepack.jobs.runner import InProcessRunner, Runner, RunOutcome
+from framepack.jobs.runner import InProcessRunner, RunContext, Runner, RunOutcome
 
 __all__ = [
     "CONTROL_UPLOADS", "DB_NAME", "EDIT", "EDIT_REFERENCES", "IMAGE_UPLOADS", "INPUT", "JOBS_DIR", "KINDS",
     "LOCK_NAME", "RECORD", "RESUMABLE", "SERVER_FIELDS", "STATES", "STATE_DIR", "TERMINAL", "VIDEO",
     "FileAccessError", "InProcessRunner", "Job", "JobConflict", "JobError", "JobKind", "JobNotFound", "JobQueue",
-    "RunOutcome", "Runner", "StorageFull", "build_request", "job_kind", "request_fields", "stored_uploads",
-    "upload_fields",
+    "RunContext", "RunOutcome", "Runner", "StorageFull", "build_request", "job_kind", "request_fields",
+    "stored_uploads", "upload_fields",
 ]  # fmt: skip

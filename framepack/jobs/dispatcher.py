@@ -1,6 +1,9 @@
-"""The dispatcher: one worker thread that claims queued jobs in queue order, atomically (never twice),
-hands each to a runner and records its outcome. A job that would fill the disk half way waits, queued.
-Cancel reaches the running job's token at once; the runner honours it within one sampling step."""
+"""The dispatcher: worker threads (one per runner slot: `runner.slots`, default 1) that claim queued
+jobs in queue order, atomically (never twice), hand each to the runner and record its outcome. A job
+that would fill the disk half way waits, queued. Cancel and pause reach a running job's token at once;
+the runner honours them within one sampling step (pause: at the next section boundary). A run whose
+worker was lost (`RunOutcome("queued")`) goes back to the front of the queue and resumes from its last
+finished section."""
 
 from __future__ import annotations
 
@@ -23,32 +26,49 @@ class Dispatcher:
                  needed: Callable[[str], int]) -> None:  # fmt: skip
         self.store, self.log, self.runner = store, log, runner
         self._lock, self._needed = lock, needed
-        self._wake, self._stop = threading.Event(), threading.Event()
-        self._running: tuple[str, CancelToken] | None = None
-        self._interrupting = False  # close() cancels the running job: it becomes interrupted, not cancelled
-        self._thread = threading.Thread(target=self._work, name="framepack-worker", daemon=True)
+        self._wake, self._stop = threading.Condition(lock), threading.Event()
+        self._running: dict[str, CancelToken] = {}
+        self._interrupting = False  # close() cancels the running jobs: they become interrupted, not cancelled
+        slots = int(getattr(runner, "slots", 1))
+        if slots < 1:
+            raise ValueError(f"a runner needs at least one slot, got {slots}")
+        self._threads = [threading.Thread(target=self._work, name=f"framepack-worker-{i}", daemon=True)
+                         for i in range(slots)]  # fmt: skip
+
+    @property
+    def slots(self) -> int:
+        return len(self._threads)
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     def wake(self) -> None:
-        self._wake.set()
+        with self._lock:
+            self._wake.notify_all()
 
     def token(self, job_id: str) -> CancelToken | None:
-        """The running job's cancel token, if `job_id` is the one running here."""
-        running = self._running
-        return running[1] if running and running[0] == job_id else None
+        """The running job's cancel token, if `job_id` runs here."""
+        return self._running.get(job_id)
+
+    def running(self) -> list[str]:
+        return list(self._running)
 
     def close(self, timeout: float) -> None:
-        """Stop the worker: a running job is cancelled after its current step and left interrupted."""
+        """Stop the workers: running jobs are cancelled after their current step and left interrupted."""
         with self._lock:
             self._interrupting = True
-            if self._running:
-                self._running[1].cancel()
-        self._stop.set()
-        self._wake.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+            for token in self._running.values():
+                token.cancel()
+            self._stop.set()
+            self._wake.notify_all()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join(max(0.0, deadline - time.monotonic()))
+        close = getattr(self.runner, "close", None)
+        if close is not None:
+            close()
 
     @property
     def stopped(self) -> bool:
@@ -63,13 +83,14 @@ class Dispatcher:
                 self.store.storage_problem = str(err)
                 job = None
             if job is None:
-                self._wake.wait(1.0)
-                self._wake.clear()
+                with self._lock:
+                    if not self._stop.is_set():
+                        self._wake.wait(1.0)
                 continue
             try:
                 folder = self.store.jobs_dir / job.id
-                outcome = self.runner.run(job, folder, lambda e, j=job.id: self._on_event(j, e), self._running[1],
-                                          interrupting=lambda: self._interrupting)  # fmt: skip
+                outcome = self.runner.run(job, folder, lambda e, j=job.id: self._on_event(j, e),
+                                          self._running[job.id], interrupting=lambda: self._interrupting)  # fmt: skip
             except Exception as err:  # the worker must survive anything a job does
                 outcome = RunOutcome("failed", f"internal error: {type(err).__name__}: {err}", files=False)
             self.finish(job.id, outcome)
@@ -86,12 +107,15 @@ class Dispatcher:
                                                   "wait for it")  # fmt: skip
                     return False
                 self.store.storage_problem = None
-                return True
+                return reserve is None or reserve()  # a runner with a few workers: one is free (held for us)
 
+            reserve = getattr(self.runner, "reserve", None)
             job = self.store.claim(ready)
             if job is None:
+                if (unreserve := getattr(self.runner, "unreserve", None)) is not None:
+                    unreserve()
                 return None
-            self._running = (job.id, CancelToken())
+            self._running[job.id] = CancelToken()
             self.log.started(job.id, job.kind)
         self.log.emit(job.id, {"type": "state", "state": "running"})
         return job
@@ -100,11 +124,17 @@ class Dispatcher:
         """Record a run's outcome (and a running job's end) with its state event."""
         with self._lock:
             progress = self.log.ended(job_id)
-            if self._running and self._running[0] == job_id:
-                self._running = None
+            self._running.pop(job_id, None)
             try:
                 request = self.store.get(job_id).request
             except Exception:  # deleted meanwhile (or the queue is closing): nothing left to record
+                return
+            if outcome.state == "queued":  # its worker was lost: it runs next, from its last finished section
+                if progress is not None:
+                    self.store.save_progress(job_id, progress)
+                job = self.store.return_to_queue(job_id)
+                self.log.emit(job_id, {**state_event(job), "requeued": outcome.error or "its worker was lost"})
+                self._wake.notify_all()
                 return
             changes: dict = {"state": outcome.state, "finished": time.time(), "error": outcome.error,
                              "video": None, "metadata": None}  # fmt: skip

@@ -57,7 +57,7 @@ from framepack.jobs.records import (
     stored_uploads,
     upload_file,
 )
-from framepack.jobs.runner import InProcessRunner, Runner, RunOutcome
+from framepack.jobs.runner import InProcessRunner, RunContext, Runner, RunOutcome
 from framepack.jobs.store import FolderLock, JobStore
 from framepack.outputs import disk_free, disk_full_message, is_disk_full
 
@@ -66,8 +66,11 @@ class JobQueue:
     """The persistent queue of one outputs folder and its worker (see the module docstring).
 
     `loader(model_name)` returns a `framepack.pipeline.Pipeline`; the default runner keeps one loaded and
-    swaps it when a job asks for another model (`runner`: another `Runner`). `models` are the names jobs
-    may use; `checkpoints`: the section checkpoints kept per video job ("all", N or "none").
+    swaps it when a job asks for another model (`runner`: another `Runner`, or a factory making one from
+    the queue's `RunContext`, e.g. `framepack.jobs.ray_runner.RayRunner`). `models` are the names jobs
+    may use; `checkpoints`: the section checkpoints kept per video job ("all", N or "none");
+    `requeue_running`: jobs found running at startup (their workers died with the old server) go back to
+    the front of the queue instead of becoming interrupted.
     """
 
     def __init__(
@@ -80,7 +83,8 @@ class JobQueue:
         start_worker: bool = True,
         lora_dir: str | os.PathLike | None = None,
         checkpoints: str | int | None = "all",
-        runner: Runner | None = None,
+        runner: Runner | Callable[[RunContext], Runner] | None = None,
+        requeue_running: bool = False,
     ) -> None:
         self.outputs = Path(outputs).expanduser().resolve()
         self.jobs_dir = self.outputs / JOBS_DIR
@@ -101,12 +105,21 @@ class JobQueue:
             self.log = EventLog(self._lock)
             self.store = JobStore(self.outputs, self.jobs_dir, default_model=self.default_model, lock=self._lock,
                                   live=self.log.live)  # fmt: skip
-            self.store.recover(lambda job: job.output)
+            self.store.recover(lambda job: job.output, requeue=requeue_running)
         except BaseException:
             self._folder_lock.close()
             raise
-        runner = runner or InProcessRunner(loader, outputs=self.outputs, lora_folder=lambda: self.lora_library().folder,
-                                           checkpoints=self.checkpoints, needed=self._needed_by)  # fmt: skip
+        context = RunContext(self.outputs, lambda: self.lora_library().folder, self.checkpoints, self._needed_by)
+        if runner is None:
+            runner = InProcessRunner(loader, context)
+        elif not hasattr(runner, "run"):  # a factory: RunContext -> Runner (e.g. framepack.jobs.ray_runner)
+            try:
+                runner = runner(context)
+            except BaseException:  # e.g. the Ray cluster cannot hold the workers: this folder stays free
+                self.store.close()
+                self._folder_lock.close()
+                raise
+        self.runner = runner
         self.dispatcher = Dispatcher(self.store, self.log, runner, lock=self._lock, needed=self._needed_by)
         if start_worker:
             self.dispatcher.start()

@@ -22,13 +22,28 @@ from framepack.outputs import disk_full_message, is_disk_full
 
 @dataclass(frozen=True)
 class RunOutcome:
-    state: str  # done | failed | cancelled | interrupted | paused
-    error: str | None = None
+    state: str  # done | failed | cancelled | interrupted | paused, or queued: give the job back (its worker was lost)
+    error: str | None = None  # for queued: why it went back
     result: dict | None = None  # the result's summary (files relative to the jobs folder)
     files: bool = True  # the job folder holds what the run left (its video / image and sidecar)
 
 
+@dataclass(frozen=True)
+class RunContext:
+    """What every runner gets from the queue: `outputs` (the folder, for messages), `lora_folder()` (where
+    jobs' LoRA names are), `checkpoints` (the section checkpoint policy), `needed(job_id)` (the disk a
+    job needs, for a full-disk message)."""
+
+    outputs: Path
+    lora_folder: Callable[[], Path]
+    checkpoints: Any
+    needed: Callable[[str], int]
+
+
 class Runner(Protocol):
+    """Optional members: `slots` (jobs it runs at once; the dispatcher starts that many worker threads,
+    default 1) and `close()` (called when the queue closes, after the running jobs ended)."""
+
     def run(self, job: Job, folder: Path, on_event: Callable[[object], None], token: CancelToken, *,
             interrupting: Callable[[], bool]) -> RunOutcome:  # fmt: skip
         """Run `job` (its files in `folder`) to its end; `interrupting()`: the server is shutting down
@@ -37,15 +52,16 @@ class Runner(Protocol):
 
 
 class InProcessRunner:
-    """Runs jobs here, on `loader(model)`'s pipeline (one at a time: the old one is freed first).
-    `lora_folder()`: where jobs' LoRA names are; `checkpoints`: the section checkpoint policy;
-    `needed(job_id)`: the disk a job needs (for a full-disk message)."""
+    """Runs jobs here, on `loader(model)`'s pipeline (one at a time: the old one is freed first)."""
 
-    def __init__(self, loader: Callable[[str], Any], *, outputs: Path, lora_folder: Callable[[], Path],
-                 checkpoints: Any, needed: Callable[[str], int]) -> None:  # fmt: skip
-        self._loader, self._outputs, self._lora_folder = loader, outputs, lora_folder
-        self._checkpoints, self._needed = checkpoints, needed
+    def __init__(self, loader: Callable[[str], Any], context: RunContext) -> None:
+        self._loader, self.context = loader, context
         self._pipeline: tuple[str, Any] | None = None
+
+    @property
+    def model(self) -> str | None:
+        """The model loaded now (None before the first job)."""
+        return self._pipeline[0] if self._pipeline else None
 
     def run(self, job: Job, folder: Path, on_event: Callable[[object], None], token: CancelToken, *,
             interrupting: Callable[[], bool]) -> RunOutcome:  # fmt: skip
@@ -64,13 +80,14 @@ class InProcessRunner:
                 (folder / name).unlink(missing_ok=True)
         try:
             pipe = self._pipeline_for(job.model, report)
-            request = request_from_json(absolute(job.request, folder, self._lora_folder()))
+            request = request_from_json(absolute(job.request, folder, self.context.lora_folder()))
             gb = job.options.get("preserved_memory_gb")
-            result = pipe.run(request, report, token, state_dir=folder / STATE_DIR, checkpoints=self._checkpoints,
+            result = pipe.run(request, report, token, state_dir=folder / STATE_DIR,
+                              checkpoints=self.context.checkpoints,
                               preserved_memory_gb=None if gb is None else float(gb))  # fmt: skip
         except Exception as err:  # engine failures (after a sidecar), bad requests/images, missing weights
             if is_disk_full(err):
-                error = disk_full_message(self._outputs, self._needed(job.id))
+                error = disk_full_message(self.context.outputs, self.context.needed(job.id))
             elif failure:
                 error = failure[0]
             elif isinstance(err, ValueError):  # RequestError, ImageError, a damaged resume state: say it plainly

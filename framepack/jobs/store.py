@@ -150,6 +150,20 @@ class JobStore:
             for j in job_ids:  # the new order is in every record too, so a rebuilt database keeps it
                 self.save_record(self.get(j))
 
+    def return_to_queue(self, job_id: str) -> Job:
+        """A claimed job goes back to the front of the queue (its run was lost with its worker): it runs
+        next and, from its resume state, continues after its last finished section."""
+        with self._lock:
+            with self.write() as db:
+                first = db.execute("SELECT MIN(seq) FROM jobs WHERE state = 'queued'").fetchone()[0]
+                seq = self.next_seq(db) if first is None else first - 1
+                db.execute("UPDATE jobs SET state = 'queued', seq = ?, started = NULL, finished = NULL, error = NULL"
+                           " WHERE id = ?", (seq, job_id))  # fmt: skip
+            self._unsaved.pop(job_id, None)
+            job = self.get(job_id)
+            self.save_record(job)
+            return job
+
     def claim(self, ready: Callable[[str], bool]) -> Job | None:
         """The first queued job, marked running in one transaction (never claimed twice); None if there
         is none or `ready(job_id)` says it must wait (for disk space)."""
@@ -246,18 +260,25 @@ class JobStore:
         return db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0]
 
     # ------------------------------------------------------------------------------- recovery
-    def recover(self, output_of: Callable[[Job], str | None]) -> None:
-        """At startup: jobs left running died with their process; re-import folders the database lacks;
-        report jobs whose folder or files are gone (`output_of(job)`: its result file, when done)."""
+    def recover(self, output_of: Callable[[Job], str | None], *, requeue: bool = False) -> None:
+        """At startup: jobs left running died with their process (interrupted, or with `requeue` back at
+        the front of the queue); re-import folders the database lacks; report jobs whose folder or files
+        are gone (`output_of(job)`: its result file, when done)."""
         with self.write() as db:
-            died = [r[0] for r in db.execute("SELECT id FROM jobs WHERE state = 'running'")]
-            db.execute(
-                "UPDATE jobs SET state = 'interrupted', finished = ?, error = ? WHERE state = 'running'",
-                (time.time(), "the server stopped while this job was running; resume to continue"),
-            )
-        for job_id in died:
-            self.problems.append(f"job {job_id} was running when the server stopped: now interrupted (resumable)")
-            self.save_record(self.get(job_id))
+            died = [r[0] for r in db.execute("SELECT id FROM jobs WHERE state = 'running' ORDER BY seq")]
+            if not requeue:
+                db.execute(
+                    "UPDATE jobs SET state = 'interrupted', finished = ?, error = ? WHERE state = 'running'",
+                    (time.time(), "the server stopped while this job was running; resume to continue"),
+                )
+        for job_id in reversed(died) if requeue else died:
+            if requeue:
+                self.return_to_queue(job_id)
+                self.problems.append(f"job {job_id} was running when the server stopped: back in the queue, it "
+                                     "resumes from its last finished section")  # fmt: skip
+            else:
+                self.problems.append(f"job {job_id} was running when the server stopped: now interrupted (resumable)")
+                self.save_record(self.get(job_id))
         known = {r[0]: r for r in self._db.execute("SELECT id, state FROM jobs")}
         for folder in sorted(p for p in self.jobs_dir.iterdir() if p.is_dir()):
             if folder.name not in known and ID.match(folder.name):

@@ -193,7 +193,7 @@ def test_shipping_a_job_folder_and_its_changes_back(tmp_path):
     files = shipping.bundle(head)
     assert sorted(files) == ["input.png", "state/state.json"]  # the head's own record stays home
     scratch.mkdir(parents=True)
-    shipping.unpack(scratch, files, origin=head)
+    shipping.unpack(scratch, files, [(head, scratch)])
     assert json.loads((scratch / "state" / "state.json").read_text())["video"] == str(scratch / "video.mp4")
     sync = shipping.FolderSync(scratch)
     assert not sync.changes()
@@ -208,5 +208,19 @@ def test_shipping_a_job_folder_and_its_changes_back(tmp_path):
     assert (head / "job.json").read_text() == "{}"
     for bad in ("../x", "/etc/passwd", "a/../../x", "a\\b", ""):
         with pytest.raises(shipping.ShippingError, match="not a plain path inside the job folder"):
-            shipping.apply_changes(head, shipping.Changes(str(scratch), {bad: b"x"}))
+            shipping.apply_changes(head, shipping.Changes(str(scratch), files={bad: b"x"}))
     assert not (tmp_path / "head" / "x").exists()
+
+
+def test_ray_missing_says_how_to_install_it(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from framepack.app import cli
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as it does without the [cluster] extra
+    args = cli.build_parser().parse_args(["serve", "--model", "tiny", "--outputs", str(tmp_path), "--ray"])
+    assert cli._start_server(args, "127.0.0.1") == 2
+    err = capsys.readouterr().err
+    assert 'error: --ray needs Ray, which is not installed: pip install -e ".[cluster]"  (Ray 2.60.0)' in err
+    with JobQueue(tmp_path, loader=tiny_loader, models=["tiny"], start_worker=False):
+        pass  # the refused start left the outputs folder free for the next server

@@ -175,3 +175,74 @@ def test_more_workers_than_gpus_is_a_clear_error(ray_cluster, tmp_path):
     with pytest.raises(Exception, match=r"the Ray cluster has 2 GPUs \(asked for 3 workers of 1 GPU each"):
         JobQueue(tmp_path / "o", loader=LOADER, models=MODELS,
                  runner=RayRunner.factory(LOADER, RaySettings(workers=3)))  # fmt: skip
+
+
+def _write_lora(path):
+    """A kohya LoRA on the tiny transformer's first block's to_q (as tests/test_lora_app.py writes one)."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(5)
+    key = "lora_unet_transformer_blocks_0_attn_to_q"
+    save_file({f"{key}.lora_down.weight": torch.randn(4, 32, generator=g),
+               f"{key}.lora_up.weight": torch.randn(32, 4, generator=g), f"{key}.alpha": torch.tensor(4.0)},
+              str(path))  # fmt: skip
+
+
+def test_shipped_jobs_take_their_lora_along_once_per_worker(ray_cluster, tmp_path):
+    loras = tmp_path / "loras"
+    _write_lora(loras / "style.safetensors")
+    params = [{**FAST, "seed": s, "loras": [{"path": "style.safetensors", "weight": 0.7}]} for s in (1, 2)]
+    with JobQueue(tmp_path / "reference", loader=LOADER, models=MODELS, lora_dir=loras) as q:
+        ref = [q.wait(q.submit(png_bytes(), p).id, 120) for p in params]
+        expected = [q.job_file(j.id, "video").read_bytes() for j in ref]
+    settings = RaySettings(workers=1, files="ship", threads=torch.get_num_threads())
+    queue = JobQueue(tmp_path / "outputs", loader=LOADER, models=MODELS, lora_dir=loras,
+                     runner=RayRunner.factory(LOADER, settings))  # fmt: skip
+    try:
+        sent = []
+        real = queue.runner._loras.missing
+        queue.runner._loras.missing = lambda worker, paths: sent.append(real(worker, paths)) or sent[-1]
+        ids = [queue.submit(png_bytes(), p).id for p in params]
+        done = [queue.wait(i, 120) for i in ids]
+        assert [j.state for j in done] == ["done", "done"], [j.error for j in done]
+        assert [queue.job_file(i, "video").read_bytes() for i in ids] == expected
+        assert [sorted(s) for s in sent] == [["style.safetensors"], []]  # the second job found it on the worker
+        sidecar = json.loads((queue.jobs_dir / done[0].metadata).read_text())
+        assert sidecar["loras"][0]["path"] == str((loras / "style.safetensors").absolute())  # the head's path
+        assert str(queue.jobs_dir / ids[0]) in sidecar["request"]["image"]  # the head's job folder, not a scratch one
+    finally:
+        queue.close()
+
+
+def test_a_worker_whose_lease_was_taken_stops_writing_the_shared_folder(ray_cluster, tmp_path):
+    queue = ray_queue(tmp_path / "outputs", workers=1, files="shared")
+    try:
+        job = queue.submit(png_bytes(), {**FAST, "seconds": 3.0, "steps": 25}, model="tiny")
+        _follow(queue, job.id, lambda e: e["type"] == "step")
+        (queue.jobs_dir / job.id / ".worker-lease").write_text("another-run")  # the head gave the job away
+        done = queue.wait(job.id, 60)
+        assert done.state == "failed" and "gave this job to another worker" in done.error
+        assert not events(queue, job.id, "section")  # it stopped within the first section
+    finally:
+        queue.close()
+
+
+def test_serve_ray_flags_open_a_queue_on_ray_workers(ray_cluster, tmp_path, capsys):
+    from framepack.app import cli
+
+    parser = cli.build_parser()
+    args = parser.parse_args(["serve", "--model", "tiny", "--device", "cpu", "--outputs", str(tmp_path / "o"),
+                              "--ray", "--workers", "1", "--ray-files", "ship"])  # fmt: skip
+    queue = cli._open_queue(args)
+    try:
+        assert isinstance(queue.runner, RayRunner) and queue.runner.slots == 1
+        assert queue.runner.settings.files == "ship" and queue.runner.settings.gpus_per_worker == 0  # --device cpu
+        assert "Ray: 1 worker (attached" in capsys.readouterr().err
+        job = queue.wait(queue.submit(png_bytes(), FAST).id, 120)
+        assert job.state == "done", job.error
+    finally:
+        queue.close()
+    args = parser.parse_args(["serve", "--model", "tiny", "--outputs", str(tmp_path / "p"), "--workers", "2"])
+    assert cli._start_server(args, "127.0.0.1") == 2
+    assert "error: --workers sets the Ray worker count: use it with --ray" in capsys.readouterr().err

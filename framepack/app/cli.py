@@ -716,7 +716,8 @@ def _add_train(sub) -> None:
     register(sub)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """Every `framepack` command and its flags."""
     from framepack.registry import REGISTRY
 
     parser = argparse.ArgumentParser(prog="framepack", description="FramePack image-to-video generation")
@@ -735,7 +736,11 @@ def main(argv: list[str] | None = None) -> int:
     _add_train(sub)
     _add_lora(sub)
     _add_calibrate(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except _user_errors() as err:  # a user's mistake: one clear line, no traceback

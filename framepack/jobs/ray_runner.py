@@ -300,7 +300,7 @@ class RayRunner:
                 if kind == "event":
                     on_event(item)
                 elif kind == "files":
-                    shipping.apply_changes(folder, item)
+                    shipping.apply_changes(folder, item, Path(self.context.lora_folder()))
                 elif kind == "outcome":
                     outcome = item
         except Exception as err:

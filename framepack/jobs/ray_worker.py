@@ -95,11 +95,10 @@ class Worker:
                 where = self._scratch / "jobs" / job.id
                 shutil.rmtree(where, ignore_errors=True)
                 where.mkdir(parents=True)
-                shipping.unpack(where, files, origin=folder)
                 lora_folder = self._scratch / "loras"
-                shipping.unpack(lora_folder, {k: v for k, v in (loras or {}).items()
-                                              if not (lora_folder / k).is_file()})  # fmt: skip
-                sync, fence = shipping.FolderSync(where), None
+                shipping.unpack(where, files, [(folder, where), (context["lora_folder"], lora_folder)])
+                shipping.unpack(lora_folder, loras or {})
+                sync, fence = shipping.FolderSync(where, lora_folder), None
             self._runner.context = RunContext(Path(context["outputs"]), lambda: lora_folder, context["checkpoints"],
                                               lambda _: int(context["needed"]))  # fmt: skip
             yield from self._stream(job, where, token, sync, fence)

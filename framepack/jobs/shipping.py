@@ -46,15 +46,19 @@ def bundle(folder: Path) -> dict[str, bytes]:
     return {rel: path.read_bytes() for rel, path in _files(folder)}
 
 
-def moved(rel: str, data: bytes, old: Path | str, new: Path | str) -> bytes:
-    """A shipped file as it reads in its new folder: in JSON files (resume state, sidecar, checkpoint
-    index) the paths inside folder `old` name folder `new` instead; other files are unchanged."""
-    if not rel.endswith(".json") or str(old) == str(new):
+def moved(rel: str, data: bytes, moves: Iterable[tuple[Path | str, Path | str]]) -> bytes:
+    """A shipped file as it reads in its new place: in JSON files (resume state, sidecar, checkpoint
+    index) the paths inside each (old, new) folder pair's old folder name the new one; other files are
+    unchanged."""
+    moves = [(old, new) for old, new in moves if old and new and str(old) != str(new)]
+    if not rel.endswith(".json") or not moves:
         return data
     text = data.decode("utf-8")
     escape = lambda p: json.dumps(os.path.abspath(p))[1:-1]  # noqa: E731  (as the path appears inside a string)
-    pattern = re.compile(re.escape(escape(old)) + r'(?=[/"\\])')
-    return pattern.sub(lambda _: escape(new), text).encode("utf-8")
+    for old, new in moves:
+        pattern = re.compile(re.escape(escape(old)) + r'(?=[/"\\])')
+        text = pattern.sub(lambda _, n=new: escape(n), text)
+    return text.encode("utf-8")
 
 
 def _target(folder: Path, rel: str) -> Path:
@@ -65,18 +69,20 @@ def _target(folder: Path, rel: str) -> Path:
     return folder.joinpath(*parts)
 
 
-def unpack(folder: Path, files: dict[str, bytes], origin: str | None = None) -> None:
-    """Write a bundle into an empty scratch folder (`origin`: the head's folder it came from, whose paths
-    in the JSON files become the scratch folder's)."""
+def unpack(folder: Path, files: dict[str, bytes], moves: Iterable[tuple[Path | str, Path | str]] = ()) -> None:
+    """Write a bundle into an empty scratch folder (`moves`: the head's folders whose paths in the JSON
+    files become the worker's: the job folder, the LoRA folder)."""
+    moves = list(moves)
     for rel, data in files.items():
         path = _target(folder, rel)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(moved(rel, data, origin, folder) if origin else data)
+        path.write_bytes(moved(rel, data, moves))
 
 
 @dataclass
 class Changes:
     root: str  # the worker's folder they were made in (its paths in JSON files become the head's)
+    lora_root: str | None = None  # the worker's LoRA folder (likewise)
     files: dict[str, bytes] = field(default_factory=dict)  # new or modified, by relative path
     deleted: list[str] = field(default_factory=list)
 
@@ -91,13 +97,13 @@ class Changes:
 class FolderSync:
     """What changed in a scratch job folder since the last `changes()` (the first call: since `start`)."""
 
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
+    def __init__(self, folder: Path, lora_folder: Path | None = None) -> None:
+        self.folder, self.lora_folder = folder, lora_folder
         self._seen = {rel: _stamp(path) for rel, path in _files(folder)}
 
     def changes(self) -> Changes:
         now = {rel: (path, _stamp(path)) for rel, path in _files(self.folder)}
-        out = Changes(str(self.folder))
+        out = Changes(str(self.folder), str(self.lora_folder) if self.lora_folder else None)
         for rel, (path, stamp) in now.items():
             if self._seen.get(rel) != stamp:
                 out.files[rel] = path.read_bytes()
@@ -106,8 +112,10 @@ class FolderSync:
         return out
 
 
-def apply_changes(folder: Path, changes: Changes) -> None:
-    """Make the head's job folder match the worker's: files first, the resume state's last, then removals."""
+def apply_changes(folder: Path, changes: Changes, lora_folder: Path | None = None) -> None:
+    """Make the head's job folder match the worker's: files first, the resume state's last, then removals.
+    `lora_folder`: the head's, which the worker's LoRA paths become."""
+    moves = [(changes.root, folder), (changes.lora_root, lora_folder)]
     state = f"{STATE_DIR}/"
     order = sorted(changes.files, key=lambda rel: (rel.startswith(state), rel))
     for rel in order:
@@ -116,7 +124,7 @@ def apply_changes(folder: Path, changes: Changes) -> None:
             continue
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.shipping")
-        tmp.write_bytes(moved(rel, changes.files[rel], changes.root, folder))
+        tmp.write_bytes(moved(rel, changes.files[rel], moves))
         os.replace(tmp, path)
     for rel in changes.deleted:
         if rel not in HEAD_ONLY:

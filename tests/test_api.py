@@ -47,6 +47,7 @@ def _sse(client, url):
 def test_routes_end_to_end(client, queue):
     info = client.get("/api/info").json()
     assert info["models"] == ["tiny", "tiny-f1"] and info["auth"] is False and info["max_upload_bytes"] == 200_000
+    assert [w["name"] for w in info["workers"]] == ["in-process"]
     defaults = client.get("/api/params").json()
     assert defaults["steps"] == 25 and defaults["seed"] == 31337 and "image" not in defaults
     schema = client.get("/api/openapi.json").json()

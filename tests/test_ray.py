@@ -83,6 +83,9 @@ def test_two_workers_run_six_api_jobs_each_once_with_the_in_process_videos(ray_c
             assert [j.state for j in done] == ["done"] * 6, [(j.state, j.error) for j in done]
             for job_id, video in zip(ids, expected):
                 assert client.get(f"/api/jobs/{job_id}/video").content == video  # the in-process runner's bytes
+            workers = client.get("/api/info").json()["workers"]
+            assert sorted(w["name"] for w in workers) == ["worker-0", "worker-1"]
+            assert all(w["job"] is None and w["model"] in MODELS and len(w["gpus"]) == 1 for w in workers), workers
         ran = [events(queue, i, "worker_assigned") for i in ids]
         assert all(len(r) == 1 for r in ran)  # each exactly once: one run, one worker
         assert all(len([e for e in queue.events(i) if e.get("state") == "running"]) == 1 for i in ids)

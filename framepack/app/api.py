@@ -4,7 +4,7 @@
 /api/openapi.json (interactive docs at /api/docs). `framepack serve` runs it alone, `framepack ui`
 mounts the Gradio page on the same app, so both servers answer the same routes.
 
-    GET    /api/info                     version, models, upload limit, whether a token is required
+    GET    /api/info                     version, models, upload limit, whether a token is required, workers
     GET    /api/params[?kind=edit]       every parameter with its default (the JobParams / EditParams schema)
     GET    /api/loras                    the server's LoRA folder and its .safetensors files (for `loras`)
     POST   /api/jobs                     multipart: image (file), params (JSON object), model, preserved_memory_gb,
@@ -280,6 +280,8 @@ class Info(BaseModel):
     auth: bool
     jobs: dict[str, int]
     storage: str | None = Field(None, description="why queued jobs wait or submissions are refused (disk space)")
+    workers: list[dict] = Field(default_factory=list, description="what runs jobs: the in-process worker, or "
+                                "each Ray worker (name, host, gpus, model loaded, job running)")  # fmt: skip
 
 
 class LoraFile(BaseModel):
@@ -347,7 +349,7 @@ def create_app(
     def get_info() -> Info:
         return Info(version=framepack.__version__, models=list(queue.models), default_model=queue.default_model,
                     max_upload_bytes=max_upload_bytes, auth=token is not None, jobs=queue.counts(),
-                    storage=queue.storage_problem)  # fmt: skip
+                    storage=queue.storage_problem, workers=queue.workers())  # fmt: skip
 
     @app.get("/api/params", response_model=JobParams | EditParams, tags=["server"])  # type: ignore[valid-type]
     def get_params(

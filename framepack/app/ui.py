@@ -1068,7 +1068,8 @@ def _sidecar(queue: JobQueue, job: Job) -> dict | None:
 
 
 def _busy(queue: JobQueue) -> bool:
-    return bool(queue.list(["running"]))
+    """Every worker has a job (a new one waits)."""
+    return len(queue.list(["running"])) >= queue.dispatcher.slots
 
 
 def _watched(queue: JobQueue, session: dict) -> str | None:

@@ -129,6 +129,16 @@ class JobQueue:
         """What startup found (a damaged database, jobs that died running, missing folders)."""
         return self.store.problems
 
+    def workers(self) -> list[dict]:
+        """What runs the jobs: one entry per worker (name, where, model loaded, the job it runs)."""
+        running = set(self.dispatcher.running())
+        listing = getattr(self.runner, "workers", None)
+        if listing is not None:
+            return listing()
+        model = getattr(self.runner, "model", None)
+        job = next(iter(running), None)
+        return [{"name": "in-process", "host": None, "gpus": [], "model": model, "job": job}]
+
     @property
     def storage_problem(self) -> str | None:
         """Why queued jobs wait (disk space), for the front ends."""

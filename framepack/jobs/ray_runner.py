@@ -103,6 +103,7 @@ class _Handle:
         self.info: dict = {}
         self.shares = False  # sees the head's outputs folder
         self.model: str | None = None
+        self.job: str | None = None  # the job it runs now
 
 
 class WorkerPool:
@@ -255,6 +256,11 @@ class RayRunner:
     def factory(cls, loader: Callable[[str], Any], settings: RaySettings) -> Callable[[RunContext], RayRunner]:
         return lambda context: cls(loader, settings, context)
 
+    def workers(self) -> list[dict]:
+        """The running workers: name, host, GPUs, the model loaded, the job they run (None: free)."""
+        return [{"name": h.name, "host": h.info.get("host"), "gpus": h.info.get("gpus", []), "model": h.model,
+                 "job": h.job} for h in self.pool.ready]  # fmt: skip
+
     # ------------------------------------------------------------------------------- the Runner
     def reserve(self) -> bool:
         """A free worker, held for this dispatcher thread's next run (the dispatcher claims a job only then)."""
@@ -284,6 +290,7 @@ class RayRunner:
             return RunOutcome("failed", str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}")
         context = {"outputs": str(self.context.outputs), "lora_folder": str(self.context.lora_folder()),
                    "checkpoints": self.context.checkpoints, "needed": self.context.needed(job.id)}  # fmt: skip
+        worker.job = job.id
         on_event(WorkerAssigned(worker.name, worker.info.get("host", "?"), worker.info.get("gpus", []),
                                 "shared" if shared else "shipped"))  # fmt: skip
 
@@ -312,6 +319,7 @@ class RayRunner:
             return self._lost(job, worker, err, token, interrupting)
         finally:
             token.unwatch(forward)
+            worker.job = None
         self.pool.release(worker)
         self._losses.pop(job.id, None)
         if outcome is None:

@@ -255,6 +255,28 @@ def default_cache_dir() -> Path:
     return framepack_home() / "prompt-cache"
 
 
+def load_transformer_for(model: str, device: torch.device, *, models_dir: str | os.PathLike | None = None,
+                         download: bool = True, options: RuntimeOptions | None = None,
+                         attention: str = "auto") -> torch.nn.Module:  # fmt: skip
+    """Only the transformer of `model`, on `device`, in the dtype and form `load_components` gives it
+    (fp8, compile): what a follower rank of a multi-GPU run holds (framepack.parallel)."""
+    from framepack.models.quant import quantize_fp8_
+
+    options = options or RuntimeOptions()
+    spec = get_spec(model)
+    paths = resolve_spec(spec, models_root=models_dir, download=download)
+    t_dtype, _ = default_dtypes(spec, device)
+    quiet_transformers()
+    transformer = load_transformer(paths["transformer"], dtype=t_dtype, device=device, attention=attention)
+    if options.fp8:
+        quantize_fp8_(transformer, compute_dtype=t_dtype, mode=options.fp8, device=device)
+    if options.compile:
+        from framepack.models.compile import compile_blocks
+
+        compile_blocks(transformer)
+    return transformer.eval().requires_grad_(False)
+
+
 def load_components(
     model: str,
     device: torch.device,

@@ -177,10 +177,14 @@ def _stream(m: Footprint, budget: int, prefetch: int) -> Placement:
 # Device bytes a model needs beside its weights while it runs, per model of a FramePack spec, at a
 # job's latent size (h x w) and window. Estimates, generous where the real peak is hard to bound.
 def _transformer_working(module: nn.Module, h: int, w: int, window: int) -> int:
-    """The residual stream, q/k/v, attention out and the MLP hidden: (8 D + 2 mlp) values per token."""
+    """The residual stream, q/k/v, attention out and the MLP hidden: (8 D + 2 mlp) values per token. On
+    N sequence-parallel ranks (`module.parallel`, framepack.parallel) a rank holds 1/N of the image
+    tokens (its attention: all of them for 1/N of the heads, the same count) and the whole joint part."""
     cfg, act = module.config, module.dtype.itemsize
+    ranks = getattr(getattr(module, "parallel", None), "world", 1)
     frame = (h // 2) * (w // 2)
-    tokens = (window + 2) * frame + frame // 4 * 2 // 2 + frame // 16 * 4 // 4 + 729 + 256
+    image = (window + 2) * frame + frame // 4 * 2 // 2 + frame // 16 * 4 // 4
+    tokens = -(-image // ranks) + 729 + 256
     return int(1.25 * tokens * (8 * cfg.inner_dim + 2 * cfg.mlp_dim) * act)
 
 

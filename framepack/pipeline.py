@@ -488,11 +488,29 @@ class JobRun:
         dev, dt = self.device, transformer.dtype
         ctx = {k: v.to(dev, dt) if v.is_floating_point() else v.to(dev) for k, v in context.as_kwargs().items()}
         passes = {"cond": cond, "uncond": uncond}
+        if self.cfg_parallel:  # both passes in one batched call, one sample per half of the ranks
+            return _PairedVelocity(transformer, cond, uncond, ctx)
 
         def velocity(x, t, pass_name):
             return transformer(hidden_states=x, timestep=t, **passes[pass_name], **ctx).sample
 
         return velocity
+
+    @property
+    def cfg_parallel(self) -> bool:
+        """Real CFG on several ranks that can split in two (framepack.parallel) and no step cache, whose
+        per-pass decisions need the passes one after the other."""
+        parallel = self.c.transformer.parallel
+        return parallel is not None and parallel.can_split_cfg and self.request.cfg != 1 and self.cache is None
+
+    def _parallel_info(self) -> dict | None:
+        parallel = self.c.transformer.parallel
+        if parallel is None:
+            return None
+        note = None
+        if parallel.can_split_cfg and self.request.cfg != 1 and self.cache is not None:
+            note = "CFG parallel needs the step cache off (--cache none): the passes ran one after the other"
+        return {"ranks": parallel.world, "cfg_parallel": self.cfg_parallel, "note": note}
 
     def _sample(self, velocity: Callable, noise: torch.Tensor, where: _Where, cache: StepCache | None):
         r = self.request
@@ -548,7 +566,9 @@ class JobRun:
         write_metadata(result, RunInfo(
             request, self.pipe.spec, self.device, self.c.transformer.dtype,
             self.writer.effective_crf if self.writer else None, self.cache.report() if self.cache else None,
-            self.memory.describe(), error, self.lora_reports, self.c.speed(), self.branch, self._checkpoint_info(),
+            self.memory.describe(), error, self.lora_reports,
+            {**self.c.speed(), **({"parallel": p} if (p := self._parallel_info()) else {})}, self.branch,
+            self._checkpoint_info(),
         ))  # fmt: skip
         if self.status == "finished":
             self.emit(Finished(result))
@@ -630,6 +650,30 @@ def load_pipeline(
     components = load_components(model, dev, dtype=dtype, attention=attention, models_dir=models_dir,
                                  download=download, prompt_cache_dir=prompt_cache_dir, options=options)  # fmt: skip
     return Pipeline(components, device=dev)
+
+
+class _PairedVelocity:
+    """velocity(x, timestep, pass_name) for CFG parallel: the "cond" call runs both passes as one batch
+    of 2 (cond, uncond) split over two rank groups; the "uncond" call that follows returns the second
+    sample. The batched inputs are made once per section, so the transformer's section cache holds."""
+
+    def __init__(self, transformer, cond: dict, uncond: dict, ctx: dict) -> None:
+        self.transformer, self.ctx = transformer, ctx
+        self.both = {k: torch.cat([cond[k], uncond[k]]) for k in cond}
+        self._pending: tuple | None = None
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, pass_name: str) -> torch.Tensor:
+        if pass_name == "uncond":
+            key, out = self._pending
+            if key != (id(x), t.data_ptr()):
+                raise RuntimeError("CFG parallel: the uncond pass came without its cond pass")
+            self._pending = None
+            return out
+        with self.transformer.parallel.cfg_split():
+            out = self.transformer(hidden_states=torch.cat([x, x]), timestep=torch.cat([t, t]), **self.both,
+                                   **self.ctx).sample  # fmt: skip
+        self._pending = ((id(x), t.data_ptr()), out[1:])
+        return out[:1]
 
 
 @dataclass(frozen=True)

@@ -112,8 +112,8 @@ def test_same_seed_same_latents(pipes, image_path, tmp_path, monkeypatch, model)
     assert all(torch.equal(x, y) for x, y in zip(first, seen))  # the promise: identical latents
     assert_same_file(a.video, b.video)  # and the same file, byte for byte
     seen.clear()
-    pipes[model].generate(_request(image_path, tmp_path, seconds=seconds_for(2), teacache=True, seed=7))
-    assert not torch.equal(first[0], seen[0])
+    pipes[model].generate(_request(image_path, tmp_path, seconds=seconds_for(1), teacache=True, seed=7))
+    assert not torch.equal(first[0], seen[0])  # another seed: the first section already differs
 
 
 @pytest.mark.parametrize("model,first_section_frames", [("tiny", 33), ("tiny-f1", 37)])
@@ -273,7 +273,7 @@ pipe = load_pipeline("tiny-f1", device="cpu")
 def settled():
     gc.collect(); release_host_memory(); return current_rss()
 def job(prompt):
-    return pipe.generate(GenerationRequest(image=img, prompt=prompt, steps=2, seconds=2.4, resolution=256,
+    return pipe.generate(GenerationRequest(image=img, prompt=prompt, steps=2, seconds=1.2, resolution=256,
                                            output=sys.argv[2], teacache=False))
 job("warm up")  # first use maps the video codec libraries etc. once; the idle level is after that
 before = settled()

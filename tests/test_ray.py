@@ -141,7 +141,9 @@ def test_a_killed_worker_s_job_resumes_on_the_other_with_the_same_video(ray_clus
 def test_cancel_reaches_the_remote_worker_within_one_step_and_keeps_a_playable_mp4(ray_cluster, tmp_path):
     queue = ray_queue(tmp_path / "outputs", workers=1)
     try:
-        job = queue.submit(png_bytes(), {**FAST, "seconds": 3.0, "steps": 25}, model="tiny-f1")
+        # 256 px: a step takes ~60 ms here, far longer than a cancel's trip to the worker (~1 ms)
+        params = {**FAST, "seconds": 3.0, "steps": 10, "resolution": 256, "cache": "none"}
+        job = queue.submit(png_bytes(), params, model="tiny-f1")
         _follow(queue, job.id, lambda e: e["type"] == "step" and e["section"] == 1 and e["step"] >= 3)
         asked = time.time()
         queue.cancel(job.id)

@@ -14,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+from framepack.app.cli_parallel import add_gpus_arg, check_ranks, ranks_asked, ranks_for, run_follower_if_torchrun
 from framepack.config import CONTROLS, LORAS
 
 
@@ -23,9 +24,10 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from framepack.images import ImageError
     from framepack.memory import MemoryBudgetError
     from framepack.models.attention import AttentionBackendError
+    from framepack.parallel import ParallelError
     from framepack.weights import CheckpointError
 
-    return (RequestError, ImageError, CheckpointError, AttentionBackendError, MemoryBudgetError)
+    return (RequestError, ImageError, CheckpointError, AttentionBackendError, MemoryBudgetError, ParallelError)
 
 
 def _add_generate(sub) -> None:
@@ -41,6 +43,7 @@ def _add_generate(sub) -> None:
     c.add_argument("--prompts-file", help="timestamped prompts, one '[TIME: prompt]' or 'TIME: prompt' per line")
     c.add_argument("--keyframe", action="append", metavar="TIME=IMAGE", help=REQUEST_FIELDS["keyframes"].help)
     add_run_args(p, groups[LORAS])
+    add_gpus_arg(p)
     add_checkpoint_args(p)
     p.set_defaults(func=_generate)
 
@@ -245,6 +248,11 @@ def _generate(args: argparse.Namespace) -> int:
     from framepack.registry import get_spec
 
     request, model = _build_request(args)
+    world = ranks_asked(args)
+    if world > 1 and run_follower_if_torchrun(args, model, runtime_options(args)):
+        return 0  # a torchrun rank above 0: it followed rank 0 to the end (rank 0 checks and writes the video)
+    if world > 1:
+        check_ranks(args, world, request)  # before anything loads: the devices are there, no LoRAs
     plan = check_request(request, get_spec(model))  # fail fast on bad inputs or output, before loading weights
     if request.loras:  # every file there and a safetensors file, before the weights load
         from framepack.lora import LoraLibrary
@@ -254,8 +262,14 @@ def _generate(args: argparse.Namespace) -> int:
     keep = KeepPolicy.parse(args.checkpoints)
     needed = disk_needed(plan.frames, *plan.inputs.size, request.window)
     pipe = load_for(args, model)
-    return run_video(args, needed, lambda on_event, cancel: pipe.generate(request, on_event=on_event, cancel=cancel,
-                                                                         checkpoints=keep))  # fmt: skip
+
+    def start(on_event, cancel):
+        return pipe.generate(request, on_event=on_event, cancel=cancel, checkpoints=keep)
+
+    if world == 1:
+        return run_video(args, needed, start)
+    with ranks_for(args, pipe, model, request, world):
+        return run_video(args, needed, start)
 
 
 def run_video(args: argparse.Namespace, needed: int, start) -> int:
@@ -305,17 +319,21 @@ def run_video(args: argparse.Namespace, needed: int, start) -> int:
 
 def load_for(args: argparse.Namespace, model: str):
     """The pipeline of `model` with the run flags (device, memory, fp8, LoRA folder, offline)."""
-    from framepack.config import RuntimeOptions
     from framepack.pipeline import load_pipeline
 
     if args.offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
     print(f"loading model {model!r} ...", file=sys.stderr)
-    options = RuntimeOptions(preserved_memory_gb=args.preserved_memory, fp8=args.fp8,
-                             keep_text_encoders=args.keep_text_encoders, memory=args.memory,
-                             lora_dir=args.lora_dir, compile=args.compile)  # fmt: skip
     return load_pipeline(model, device=args.device, models_dir=args.models_dir, download=not args.offline,
-                         options=options)  # fmt: skip
+                         options=runtime_options(args))  # fmt: skip
+
+
+def runtime_options(args: argparse.Namespace):
+    from framepack.config import RuntimeOptions
+
+    return RuntimeOptions(preserved_memory_gb=args.preserved_memory, fp8=args.fp8,
+                          keep_text_encoders=args.keep_text_encoders, memory=args.memory,
+                          lora_dir=args.lora_dir, compile=args.compile)  # fmt: skip
 
 
 @contextlib.contextmanager

@@ -414,6 +414,7 @@ class FramePackTransformer(nn.Module):
         self.proj_out = nn.Linear(d, cfg.patch_size_t * p * p * cfg.out_channels)
         self.gradient_checkpointing = False
         self.step_cache = None  # a models.caches.StepCache, attached from outside
+        self.parallel = None  # a framepack.parallel.ParallelBlocks: the blocks run on several ranks
         self._sections = _SectionCache()
 
     @property
@@ -609,6 +610,8 @@ class FramePackTransformer(nn.Module):
 
     def _blocks(self, x_img, cond, temb, sec: _Section) -> torch.Tensor:
         """All transformer blocks; returns the final hidden states of the noisy rows only (B, n_noisy, D)."""
+        if self.parallel is not None and _inference():  # sequence / CFG parallel over ranks (framepack.parallel)
+            return self.parallel.run(self, x_img, cond, temb, sec)
         x = torch.cat([x_img, cond], 1)  # (B, n_img + n_cond, D): the one residual buffer
         xi, xt = x[:, : sec.n_img], x[:, sec.n_img :]
         ckpt = self.gradient_checkpointing and torch.is_grad_enabled()

@@ -1,0 +1,129 @@
+"""`framepack generate --gpus N` and `torchrun --nproc-per-node N -m framepack.app.cli generate ...`:
+one video on several GPUs (framepack.parallel). Rank 0 is the process that loads the pipeline and
+writes the video; the others load only the transformer and follow."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+
+def add_gpus_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gpus", type=int, default=None, metavar="N",
+                   help="one video on N GPUs of this machine: sequence-parallel attention (N must divide the "
+                   "model's 24 heads: 1, 2, 3, 4, 6, 8), with real CFG (--cfg > 1, no step cache) also the two "
+                   "passes at once on two halves; --device cpu runs N CPU ranks (gloo). torchrun works too: "
+                   "torchrun --nproc-per-node N -m framepack.app.cli generate ...")  # fmt: skip
+
+
+def ranks_asked(args: argparse.Namespace) -> int:
+    from framepack.parallel import ParallelError, torchrun_env
+
+    env = torchrun_env()
+    if env is not None:
+        return env[1]
+    gpus = 1 if args.gpus is None else args.gpus
+    if gpus < 1:
+        raise ParallelError(f"--gpus must be at least 1, got {gpus}")
+    return gpus
+
+
+def device_kind(args: argparse.Namespace) -> str:
+    import torch
+
+    name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        return "cuda"
+    if name != "cpu":
+        raise _error(f"--gpus runs on CUDA devices or CPU ranks, not {name!r}")
+    return "cpu"
+
+
+def _error(message: str):
+    from framepack.parallel import ParallelError
+
+    return ParallelError(message)
+
+
+def follower_spec(args: argparse.Namespace, model: str, options: Any) -> Any:
+    from framepack.parallel import FollowerSpec
+
+    return FollowerSpec(model, device_kind(args), args.models_dir, not args.offline, options)
+
+
+def run_follower_if_torchrun(args: argparse.Namespace, model: str, options: Any) -> bool:
+    """Under torchrun, ranks above 0 follow here (True: this process was one, it is done)."""
+    from framepack.parallel import follower_main, torchrun_env
+
+    env = torchrun_env()
+    if env is None or env[0] == 0:
+        return False
+    rank, world, local = env
+    follower_main(rank, world, int(os.environ["MASTER_PORT"]), follower_spec(args, model, options),
+                  address=os.environ.get("MASTER_ADDR", "127.0.0.1"), local_rank=local)  # fmt: skip
+    return True
+
+
+def check_ranks(args: argparse.Namespace, world: int, request: Any) -> None:
+    """What can be told before any weight loads: the devices are there (torchrun brings its own), no LoRAs."""
+    from framepack import parallel
+
+    if request.loras:
+        raise parallel.ParallelError("LoRAs with --gpus are not supported yet: the other ranks would run the "
+                                     "transformer without them (run on one GPU, or merge the LoRA first)")  # fmt: skip
+    if parallel.torchrun_env() is None:
+        parallel.check_devices(world, device_kind(args))
+
+
+@contextlib.contextmanager
+def ranks_for(args: argparse.Namespace, pipe: Any, model: str, request: Any, world: int) -> Iterator[Callable]:
+    """Rank 0's side of a run on `world` ranks: the other ranks started (spawned here, or by torchrun)
+    and joined, `pipe`'s transformer hooked to them. Yields `why(err)`: what to say about an error (which
+    rank stopped). ParallelError for a degree that does not divide the model's heads."""
+    from framepack import parallel
+
+    parallel.check_degree(world, pipe.c.transformer.config.num_attention_heads)
+    kind = device_kind(args)
+    env = parallel.torchrun_env()
+    if env is None:
+        print(f"starting {world - 1} more rank{'s' if world > 2 else ''} ({kind}) ...", file=sys.stderr)
+        launch = parallel.Launch(world, follower_spec(args, model, pipe.c.options))
+    else:
+        launch = _TorchrunRankZero(world, parallel.rank_device(kind, env[2]))
+    blocks = launch.blocks
+    blocks.describe = launch.rank_status
+    pipe.c.transformer.parallel = blocks
+    try:
+        with launch:
+            yield lambda err: launch.rank_status()
+    finally:
+        pipe.c.transformer.parallel = None
+
+
+class _TorchrunRankZero:
+    """Rank 0 started by torchrun: join the group torchrun's environment describes."""
+
+    def __init__(self, world: int, device: Any) -> None:
+        from framepack import parallel
+
+        self.world = world
+        self.collective = parallel.init(0, world, device, os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                                        int(os.environ["MASTER_PORT"]))  # fmt: skip
+        self.blocks = parallel.ParallelBlocks(self.collective)
+
+    def rank_status(self) -> str | None:
+        return None  # torchrun watches its processes and reports which one failed
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import torch.distributed as dist
+
+        self.blocks.stop()
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()

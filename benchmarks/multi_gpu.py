@@ -109,7 +109,7 @@ def time_degree(world: int, kind: str, steps: int) -> dict:
 def comm_table(step_s: float, degrees: list[int]) -> None:
     d, layers, act = FRAMEPACK_HY.inner_dim, FRAMEPACK_HY.num_layers + FRAMEPACK_HY.num_single_layers, 2
     frame = 40 * 40
-    n_img = 9 * frame + 2 * frame + frame // 4 * 2 // 2 + frame // 16 * 4 // 4  # 18,400 at the 640 bucket
+    n_img = 9 * frame + 2 * frame + 2 // 2 * frame // 4 + 16 // 4 * frame // 16  # noisy, 1x, 2x, 4x: 18,400
     n_cond = 729 + 200  # SigLIP + a typical prompt's ~200 LLaMA tokens after trimming
     links = {"NVLink 4 (450 GB/s)": 450e9, "PCIe 5.0 x16 (50 GB/s)": 50e9, "PCIe 4.0 x16 (25 GB/s)": 25e9}
     print(f"\nreal size, one step (one pass): {n_img} image + {n_cond} joint tokens, D = {d}, {layers} attentions, "

@@ -183,7 +183,7 @@ def _transformer_working(module: nn.Module, h: int, w: int, window: int) -> int:
     cfg, act = module.config, module.dtype.itemsize
     ranks = getattr(getattr(module, "parallel", None), "world", 1)
     frame = (h // 2) * (w // 2)
-    image = (window + 2) * frame + frame // 4 * 2 // 2 + frame // 16 * 4 // 4
+    image = (window + 2) * frame + frame // 4 * 2 // 2 + frame // 16 * 16 // 4  # + 2x: 2 frames, 4x: 16 frames
     tokens = -(-image // ranks) + 729 + 256
     return int(1.25 * tokens * (8 * cfg.inner_dim + 2 * cfg.mlp_dim) * act)
 

@@ -124,8 +124,16 @@ class UlyssesAttention:
                  lengths: list[int]) -> None:  # fmt: skip
         self.inner, self.group, self.sp, self.sp_rank = inner, group, sp, sp_rank
         self.n_img, self.n_cond, self.lengths = n_img, n_cond, lengths
+        self._pads: dict[int, KeyPadding | None] = {}  # by key count: one per call, its masks cached inside
+
+    def _padding(self, total: int) -> KeyPadding | None:
+        if total not in self._pads:
+            self._pads[total] = None if all(n == total for n in self.lengths) else KeyPadding(self.lengths, total)
+        return self._pads[total]
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, padding: Any = None) -> torch.Tensor:
+        if self.sp == 1 and k.shape[1] == self.n_img + self.n_cond:  # one rank, no padding rows: as without
+            return self.inner(q, k, v, self._padding(k.shape[1]))  # the hook (q: all rows, or the kept ones)
         n_local = q.shape[1] - self.n_cond
         heads = q.shape[2] // self.sp
         mine = slice(self.sp_rank * heads, (self.sp_rank + 1) * heads)
@@ -136,9 +144,7 @@ class UlyssesAttention:
                 img, joint = _seq_to_heads(img, self.sp, self.group), joint[:, :, mine]
             # [valid image rows | joint | padding rows]: the valid keys stay one prefix per sample
             parts.append(torch.cat([img[:, : self.n_img], joint, img[:, self.n_img :]], 1))
-        total = parts[0].shape[1]
-        pad = None if all(n == total for n in self.lengths) else KeyPadding(self.lengths, total)
-        o = self.inner(*parts, pad)
+        o = self.inner(*parts, self._padding(parts[0].shape[1]))
         n_img, end = self.n_img, self.n_img + self.n_cond
         img, joint = torch.cat([o[:, :n_img], o[:, end:]], 1), o[:, n_img:end]
         if self.sp > 1:
@@ -158,7 +164,7 @@ def sharded_blocks(model: Any, x_img: torch.Tensor, cond: torch.Tensor, temb: to
     b, n_img, _ = x_img.shape
     n_cond = cond.shape[1]
     rows = slice(g * b // cfg, (g + 1) * b // cfg)  # this CFG group's samples
-    x_img, cond, temb = x_img[rows], cond[rows].clone(), temb[rows]
+    x_img, cond, temb = x_img[rows], cond[rows], temb[rows]
     if rope[0].shape[0] > 1:
         rope = (rope[0][rows], rope[1][rows])
     full = [n_img + n_cond] * b
@@ -166,24 +172,30 @@ def sharded_blocks(model: Any, x_img: torch.Tensor, cond: torch.Tensor, temb: to
     pad = (-n_img) % sp
     per = (n_img + pad) // sp
     mine = slice(sp_rank * per, (sp_rank + 1) * per)
-    xi = F.pad(x_img, (0, 0, 0, pad))[:, mine].contiguous()
-    cos = F.pad(rope[0], (0, 0, 0, 0, 0, pad), value=1.0)[:, mine].contiguous()  # padding rows: no rotation
-    sin = F.pad(rope[1], (0, 0, 0, 0, 0, pad), value=0.0)[:, mine].contiguous()
+    if sp == 1:  # one rank (or one per CFG half): the whole sequence, as without the hook
+        xi, cos, sin = x_img, rope[0], rope[1]
+    else:
+        xi = F.pad(x_img, (0, 0, 0, pad))[:, mine]
+        cos = F.pad(rope[0], (0, 0, 0, 0, 0, pad), value=1.0)[:, mine].contiguous()  # padding rows: no rotation
+        sin = F.pad(rope[1], (0, 0, 0, 0, 0, pad), value=0.0)[:, mine].contiguous()
     attend = UlyssesAttention(model.attention, group, sp, sp_rank, n_img, n_cond, lengths)
-    xt = cond
+    # One residual buffer, as FramePackTransformer._blocks: the blocks update its image and conditioning
+    # views in place (inference), and the caller's x_img and cond stay untouched.
+    x = torch.cat([xi, cond], 1)
+    xi, xt = x[:, :per], x[:, per:]
     for blk in model.transformer_blocks:
         xi, xt = blk(xi, xt, temb, (cos, sin), None, attend)
-    x = torch.cat([xi, xt], 1)
-    for blk in model.single_transformer_blocks:
-        x = blk(x, temb, (cos, sin), None, attend)
-    shard = x[:, :per].contiguous()
-    if collective.world == 1:
-        return shard[:, n_ctx:n_img]
-    gathered = [torch.empty_like(shard) for _ in range(collective.world)]
-    dist.all_gather(gathered, shard)
-    half = collective.world // cfg
-    samples = [torch.cat(gathered[j * half : (j + 1) * half], 1) for j in range(cfg)]  # each group's rows, in order
-    return torch.cat(samples, 0)[:, n_ctx:n_img]
+    last = len(model.single_transformer_blocks) - 1
+    keep = slice(n_ctx, n_img) if sp == 1 and last >= 0 else None  # one rank: only the noisy rows at the end
+    for i, blk in enumerate(model.single_transformer_blocks):
+        x = blk(x, temb, (cos, sin), None, attend, keep if i == last else None)
+    shard = x if keep is not None else x[:, :per]  # the noisy rows (one rank), or this rank's image rows
+    if collective.world > 1:
+        gathered = [torch.empty_like(shard) for _ in range(collective.world)]
+        dist.all_gather(gathered, shard.contiguous())
+        half = collective.world // cfg
+        shard = torch.cat([torch.cat(gathered[j * half : (j + 1) * half], 1) for j in range(cfg)], 0)  # group order
+    return shard if keep is not None else shard[:, n_ctx:n_img]
 
 
 # --------------------------------------------------------------------------------- the roles

@@ -165,7 +165,7 @@ def test_the_memory_planner_gives_each_rank_its_share_of_the_activations():
 
     model = FramePackTransformer(TINY4)
     whole = _transformer_working(model, 80, 80, 9)  # the 640 bucket's latents: 1600 tokens a frame
-    image = 11 * 1600 + 1600 // 4 + 1600 // 16  # the estimate's image tokens: window + 1x frames, 2x, 4x
+    image = 11 * 1600 + 400 + 400  # window + 1x frames at 40 x 40; 2x: 1 frame of 20 x 20; 4x: 4 of 10 x 10
     per_token = whole / (image + 729 + 256)  # + SigLIP + the text allowance, kept whole on every rank
     for world in (2, 4):
         model.parallel = type("Hook", (), {"world": world})()

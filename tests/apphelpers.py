@@ -179,3 +179,17 @@ class ServerProcess:
                 self.proc.wait(10)
         if not self._log_fh.closed:
             self._log_fh.close()
+
+
+def write_tiny_lora(path: Path, seed: int = 5) -> Path:
+    """A kohya LoRA on the tiny transformer's first block's to_q (a 32 x 32 Linear), rank 4."""
+    import torch
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    key = "lora_unet_transformer_blocks_0_attn_to_q"
+    save_file({f"{key}.lora_down.weight": torch.randn(4, 32, generator=g),
+               f"{key}.lora_up.weight": torch.randn(32, 4, generator=g), f"{key}.alpha": torch.tensor(4.0)},
+              str(path))  # fmt: skip
+    return path

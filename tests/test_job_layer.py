@@ -224,3 +224,15 @@ def test_ray_missing_says_how_to_install_it(tmp_path, monkeypatch, capsys):
     assert 'error: --ray needs Ray, which is not installed: pip install -e ".[cluster]"  (Ray 2.60.0)' in err
     with JobQueue(tmp_path, loader=tiny_loader, models=["tiny"], start_worker=False):
         pass  # the refused start left the outputs folder free for the next server
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--gpus", "0"], "error: --gpus must be at least 1, got 0"),
+    (["--gpus", "2", "--ray"], "error: --gpus with --ray is not supported yet"),
+])  # fmt: skip
+def test_serve_gpu_flags_that_cannot_run_are_one_line_errors(tmp_path, capsys, flags, message):
+    from framepack.app import cli
+
+    args = cli.build_parser().parse_args(["serve", "--model", "tiny", "--outputs", str(tmp_path), *flags])
+    assert cli._start_server(args, "127.0.0.1") == 2
+    assert message in capsys.readouterr().err

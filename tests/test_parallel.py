@@ -187,3 +187,32 @@ def test_torchrun_launches_the_same_run(tmp_path, app_home, reference):
     a, b = section_latents(one / "v.mp4"), section_latents(out / "v.mp4")
     assert len(a) == len(b) == 2 and max((x - y).abs().max().item() for x, y in zip(a, b)) < 1e-5
     assert json.loads((out / "v.json").read_text())["speed"]["parallel"]["ranks"] == 2
+
+
+def test_the_queue_runs_each_job_on_a_group_of_ranks(tmp_path, app_home, reference, monkeypatch):
+    """`serve --gpus 2`: the queue's loader starts the follower rank with each model; a job's latents
+    equal the single process's, a model switch stops the old group, a LoRA job is refused clearly."""
+    from apphelpers import png_bytes, write_tiny_lora
+
+    from framepack.app.cli_parallel import RankGroupLoader
+    from framepack.jobs import JobQueue
+    from framepack.pipeline import PipelineLoader
+
+    monkeypatch.setenv("FRAMEPACK_HOME", app_home)
+    one = reference("--model", "tiny")
+    loader = RankGroupLoader(PipelineLoader(device="cpu"), 2, "cpu")
+    with JobQueue(tmp_path / "q", loader=loader, models=["tiny", "tiny-f1"], lora_dir=tmp_path / "loras") as q:
+        params = {"prompt": "a red square slides", "steps": 3, "seconds": 2.4}
+        job = q.wait(q.submit((one / "in.png").read_bytes(), params).id, 180)
+        assert job.state == "done", job.error
+        (launch,) = loader._launches.values()
+        a, b = section_latents(one / "v.mp4"), section_latents(q.job_file(job.id, "video"))
+        assert len(a) == len(b) == 2 and max((x - y).abs().max().item() for x, y in zip(a, b)) < 1e-5
+        other = q.wait(q.submit(png_bytes(), {**params, "seconds": 1.2}, model="tiny-f1").id, 180)
+        assert other.state == "done", other.error
+        assert all(not p.is_alive() for p in launch.procs)  # the tiny model's group was stopped for tiny-f1's
+        write_tiny_lora(tmp_path / "loras" / "s.safetensors")
+        with_lora = {**params, "loras": [{"path": "s.safetensors"}]}
+        refused = q.wait(q.submit(png_bytes(), with_lora, model="tiny-f1").id, 60)
+        assert refused.state == "failed" and "LoRAs on several GPUs are not supported yet" in refused.error
+    assert not loader._launches  # the queue's close released the last group

@@ -150,11 +150,12 @@ def test_prompt_cache_skips_text_encoders(home, image_path, tmp_path, monkeypatc
     monkeypatch.setattr(Components, "text_encoder", lambda self: loads.append(1) or real(self))
     cache = tmp_path / "prompts"
     first = load_pipeline("tiny", device="cpu", prompt_cache_dir=cache)
-    first.generate(_request(image_path, tmp_path / "a"))
+    one = seconds_for(1)  # one section: the text encoders are what this is about
+    first.generate(_request(image_path, tmp_path / "a", seconds=one))
     assert len(loads) == 1 and first.c._text is None  # loaded for the new prompt, freed after encoding
-    first.generate(_request(image_path, tmp_path / "a"))
+    first.generate(_request(image_path, tmp_path / "a", seconds=one))
     second = load_pipeline("tiny", device="cpu", prompt_cache_dir=cache)  # a new process would look the same
-    second.generate(_request(image_path, tmp_path / "b"))
+    second.generate(_request(image_path, tmp_path / "b", seconds=one))
     assert len(loads) == 1  # the same prompt never loads the text encoders again
     assert len(list(cache.glob("*.safetensors"))) == 1
 
@@ -184,7 +185,8 @@ def test_teacache_and_samplers(pipes, image_path, tmp_path, monkeypatch):
     seen = _capture_latents(monkeypatch)
     finals = {}
     for sampler in ("unipc", "unipc-bh2", "euler"):
-        r = pipes["tiny-f1"].generate(_request(image_path, tmp_path, steps=6, teacache=True, sampler=sampler))
+        r = pipes["tiny-f1"].generate(_request(image_path, tmp_path, steps=6, teacache=True, sampler=sampler,
+                                               seconds=seconds_for(2)))  # fmt: skip
         meta = json.loads(r.metadata.read_text())
         assert r.status == "finished" and 0 < meta["teacache_computed_fraction"] < 1  # some steps skipped
         cache = meta["step_cache"]

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from apphelpers import FAST, home, png_bytes, wait_until
+from apphelpers import FAST, home, png_bytes, wait_until, write_tiny_lora
 
 ray = pytest.importorskip("ray", reason="the [cluster] extra (Ray) is not installed")
 
@@ -182,21 +182,9 @@ def test_more_workers_than_gpus_is_a_clear_error(ray_cluster, tmp_path):
                  runner=RayRunner.factory(LOADER, RaySettings(workers=3)))  # fmt: skip
 
 
-def _write_lora(path):
-    """A kohya LoRA on the tiny transformer's first block's to_q (as tests/test_lora_app.py writes one)."""
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(5)
-    key = "lora_unet_transformer_blocks_0_attn_to_q"
-    save_file({f"{key}.lora_down.weight": torch.randn(4, 32, generator=g),
-               f"{key}.lora_up.weight": torch.randn(32, 4, generator=g), f"{key}.alpha": torch.tensor(4.0)},
-              str(path))  # fmt: skip
-
-
 def test_shipped_jobs_take_their_lora_along_once_per_worker(ray_cluster, tmp_path):
     loras = tmp_path / "loras"
-    _write_lora(loras / "style.safetensors")
+    write_tiny_lora(loras / "style.safetensors")
     params = [{**FAST, "seed": s, "loras": [{"path": "style.safetensors", "weight": 0.7}]} for s in (1, 2)]
     with JobQueue(tmp_path / "reference", loader=LOADER, models=MODELS, lora_dir=loras) as q:
         ref = [q.wait(q.submit(png_bytes(), p).id, 120) for p in params]

@@ -488,6 +488,8 @@ def _add_app_args(p: argparse.ArgumentParser, *, port: int) -> None:
     p.add_argument("--lora-dir", help="folder of LoRA files offered by the UI's picker and searched for bare "
                    "names and recorded hashes (default <FRAMEPACK_HOME>/loras)")  # fmt: skip
     add_checkpoint_args(p)
+    p.add_argument("--gpus", type=int, metavar="N", help="run every job on N GPUs of this machine at once "
+                   "(sequence parallel, as `generate --gpus N`; --device cpu: N CPU ranks)")  # fmt: skip
     ray = p.add_argument_group("scale out on Ray (pip install -e \".[cluster]\")")
     ray.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
                      help="run jobs on Ray GPU worker actors, one per GPU: alone, a local Ray instance on this "
@@ -520,6 +522,15 @@ def _open_queue(args: argparse.Namespace):
     loader = PipelineLoader(device=args.device, models_dir=args.models_dir, download=not args.offline,
                             options=options, announce=True)  # fmt: skip
 
+    if args.gpus is not None and args.gpus < 1:
+        raise JobError(f"--gpus must be at least 1, got {args.gpus}")
+    if args.gpus is not None and args.gpus > 1:  # every job on a group of GPUs (framepack.parallel)
+        from framepack.app.cli_parallel import RankGroupLoader, device_kind
+
+        if args.ray is not None:
+            raise JobError("--gpus with --ray is not supported yet: a Ray worker holds one GPU (use one or the "
+                           "other)")  # fmt: skip
+        loader = RankGroupLoader(loader, args.gpus, device_kind(args))
     runner = None
     if args.ray is not None or args.workers is not None:
         from framepack.jobs.ray_runner import RayRunner, RaySettings

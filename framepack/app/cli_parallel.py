@@ -127,3 +127,39 @@ class _TorchrunRankZero:
         self.blocks.stop()
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
+
+
+class RankGroupLoader:
+    """The job queue's loader for `serve --gpus N` / `ui --gpus N`: each pipeline it loads comes with
+    N - 1 follower ranks (spawned here) holding the same model's transformer, so every job runs on the
+    group. `release(pipe)` stops a pipeline's ranks (the runner calls it when it swaps models and when
+    the queue closes)."""
+
+    def __init__(self, loader: Any, world: int, device: str) -> None:
+        from framepack import parallel
+
+        if world < 2:
+            raise parallel.ParallelError(f"a group of GPUs needs at least 2, got {world}")
+        parallel.check_devices(world, device)
+        self.loader, self.world, self.device = loader, world, device
+        self._launches: dict[int, Any] = {}
+
+    def __call__(self, model: str) -> Any:
+        from framepack import parallel
+
+        pipe = self.loader(model)
+        parallel.check_degree(self.world, pipe.c.transformer.config.num_attention_heads)
+        spec = parallel.FollowerSpec(model, self.device, self.loader.models_dir, self.loader.download,
+                                     self.loader.options)  # fmt: skip
+        print(f"starting {self.world - 1} more rank{'s' if self.world > 2 else ''} for {model!r} ...", file=sys.stderr)
+        launch = parallel.Launch(self.world, spec)
+        launch.blocks.describe = launch.rank_status
+        pipe.c.transformer.parallel = launch.blocks
+        self._launches[id(pipe)] = launch
+        return pipe
+
+    def release(self, pipe: Any) -> None:
+        launch = self._launches.pop(id(pipe), None)
+        if launch is not None:
+            pipe.c.transformer.parallel = None
+            launch.__exit__(None, None, None)

@@ -111,10 +111,21 @@ class InProcessRunner:
             return self._pipeline[1]
         report(StageStarted("loading"))
         if self._pipeline is not None:  # one model at a time: free the old one before loading the next
-            self._pipeline = None
+            self.close()
             _free_device_memory()
         self._pipeline = (model, self._loader(model))
         return self._pipeline[1]
+
+
+    def close(self) -> None:
+        """Let the loaded pipeline go (a loader with `release`, e.g. one whose pipelines have ranks on
+        other GPUs, frees what it started for it)."""
+        if self._pipeline is None:
+            return
+        pipe, self._pipeline = self._pipeline[1], None
+        release = getattr(self._loader, "release", None)
+        if release is not None:
+            release(pipe)
 
 
 def _free_device_memory() -> None:

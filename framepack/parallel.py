@@ -11,13 +11,13 @@ every rank runs the same blocks calls in the same order by construction.
 
 Ulysses (per blocks call, over a group of `sp` ranks). The image stream [4x | 2x | 1x context | noisy]
 is padded to a multiple of `sp` rows and split into contiguous shards; the conditioning stream
-[SigLIP | text] is kept whole on every rank (a "joint" part, as xDiT does when the text does not
-divide the degree). Everything outside attention is token-local and runs on the shards (the joint part
-is computed on every rank, cheaply: ~800 rows next to thousands). In each attention the image shards
-go from sequence shards to head shards by an all-to-all, the joint part is cut to the rank's heads,
-and the attention runs over [image (all rows) | joint | image padding] with the padding keys masked,
-so the valid keys are one prefix per sample exactly as on one GPU; an all-to-all brings the image
-rows back to sequence shards and an all-gather gives every rank the joint part's heads. RoPE is
+[SigLIP | text] is split too when its count divides `sp`, and otherwise kept whole on every rank (a
+"joint" part), as xDiT does. Everything outside attention is token-local and runs on the shards (a
+whole joint part is computed on every rank, cheaply: ~900 rows next to ~18,000). In each attention
+the shards go from sequence shards to head shards by an all-to-all (a whole joint part is cut to the
+rank's heads), and the attention runs over [image (all rows) | joint | image padding] with the
+padding keys masked, so the valid keys are one prefix per sample exactly as on one GPU; an all-to-all
+brings the rows back to sequence shards (a whole joint part: an all-gather of its heads). RoPE is
 sliced per shard (padding rows get the identity rotation). The degree must divide the heads (24 in
 the real model: 1, 2, 3, 4, 6, 8).
 
@@ -121,9 +121,11 @@ class UlyssesAttention:
     (this object knows the whole call's key padding)."""
 
     def __init__(self, inner: Any, group: Any, sp: int, sp_rank: int, n_img: int, n_cond: int,
-                 lengths: list[int]) -> None:  # fmt: skip
+                 lengths: list[int], text_sharded: bool = False) -> None:  # fmt: skip
         self.inner, self.group, self.sp, self.sp_rank = inner, group, sp, sp_rank
         self.n_img, self.n_cond, self.lengths = n_img, n_cond, lengths
+        self.text_sharded = text_sharded  # the joint part is split too (its count divides the degree)
+        self.n_joint = n_cond // sp if text_sharded else n_cond  # its rows on this rank
         self._pads: dict[int, KeyPadding | None] = {}  # by key count: one per call, its masks cached inside
 
     def _padding(self, total: int) -> KeyPadding | None:
@@ -134,14 +136,15 @@ class UlyssesAttention:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, padding: Any = None) -> torch.Tensor:
         if self.sp == 1 and k.shape[1] == self.n_img + self.n_cond:  # one rank, no padding rows: as without
             return self.inner(q, k, v, self._padding(k.shape[1]))  # the hook (q: all rows, or the kept ones)
-        n_local = q.shape[1] - self.n_cond
+        n_local = q.shape[1] - self.n_joint
         heads = q.shape[2] // self.sp
         mine = slice(self.sp_rank * heads, (self.sp_rank + 1) * heads)
         parts = []
         for t in (q, k, v):
             img, joint = t[:, :n_local], t[:, n_local:]
             if self.sp > 1:
-                img, joint = _seq_to_heads(img, self.sp, self.group), joint[:, :, mine]
+                img = _seq_to_heads(img, self.sp, self.group)
+                joint = _seq_to_heads(joint, self.sp, self.group) if self.text_sharded else joint[:, :, mine]
             # [valid image rows | joint | padding rows]: the valid keys stay one prefix per sample
             parts.append(torch.cat([img[:, : self.n_img], joint, img[:, self.n_img :]], 1))
         o = self.inner(*parts, self._padding(parts[0].shape[1]))
@@ -149,9 +152,12 @@ class UlyssesAttention:
         img, joint = torch.cat([o[:, :n_img], o[:, end:]], 1), o[:, n_img:end]
         if self.sp > 1:
             img = _heads_to_seq(img, self.sp, self.group)
-            gathered = [torch.empty_like(joint) for _ in range(self.sp)]
-            dist.all_gather(gathered, joint.contiguous(), group=self.group)
-            joint = torch.cat(gathered, 2)
+            if self.text_sharded:
+                joint = _heads_to_seq(joint, self.sp, self.group)
+            else:
+                gathered = [torch.empty_like(joint) for _ in range(self.sp)]
+                dist.all_gather(gathered, joint.contiguous(), group=self.group)
+                joint = torch.cat(gathered, 2)
         return torch.cat([img, joint], 1)
 
 
@@ -178,7 +184,11 @@ def sharded_blocks(model: Any, x_img: torch.Tensor, cond: torch.Tensor, temb: to
         xi = F.pad(x_img, (0, 0, 0, pad))[:, mine]
         cos = F.pad(rope[0], (0, 0, 0, 0, 0, pad), value=1.0)[:, mine].contiguous()  # padding rows: no rotation
         sin = F.pad(rope[1], (0, 0, 0, 0, 0, pad), value=0.0)[:, mine].contiguous()
-    attend = UlyssesAttention(model.attention, group, sp, sp_rank, n_img, n_cond, lengths)
+    text_sharded = sp > 1 and n_cond % sp == 0  # as xDiT: the joint part is split when its count divides
+    if text_sharded:
+        per_cond = n_cond // sp
+        cond = cond[:, sp_rank * per_cond : (sp_rank + 1) * per_cond]
+    attend = UlyssesAttention(model.attention, group, sp, sp_rank, n_img, n_cond, lengths, text_sharded)
     # One residual buffer, as FramePackTransformer._blocks: the blocks update its image and conditioning
     # views in place (inference), and the caller's x_img and cond stay untouched.
     x = torch.cat([xi, cond], 1)

@@ -23,12 +23,16 @@ def model4():
 
 def inputs(case: str, gen: torch.Generator) -> dict:
     """Transformer kwargs of one case: the F1 and the original schedule's context layouts on an uneven
-    token count (6 x 6 latents: 107 image tokens), padded text, batch 2 with two text lengths."""
+    token count (6 x 6 latents: 107 image tokens), padded text, batch 2 with two text lengths, a
+    joint part that divides the degree (split between the ranks) and ones that do not (kept whole)."""
     c, h, w = TINY4.in_channels, 6, 6
     r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
-    batch = 2 if case == "batch2" else 1
-    text_len = {"f1": 20, "original": 33, "padded": 7, "batch2": 12}[case]
-    mask = torch.arange(40)[None] < torch.tensor([text_len] + ([5] if batch == 2 else []))[:, None]
+    batch = 2 if case in ("batch2", "text-split") else 1
+    # The joint part is 11 SigLIP tokens + the longest text: 31 (f1), 44 (original), 18 (padded: split
+    # on 2 ranks, whole on 4), 23 (batch2: whole), 32 (text-split: split on 2 and 4 ranks, padded too).
+    text_len = {"f1": 20, "original": 33, "padded": 7, "batch2": 12, "text-split": 21}[case]
+    mask = torch.arange(40)[None] < torch.tensor([text_len] + ([9 if case == "text-split" else 5] if batch == 2
+                                                               else []))[:, None]  # fmt: skip
     if case == "original":  # the inverted schedule: [start, end-side 1x frame] around a later window
         clean_idx, lat_idx, idx2, idx4 = [0, 30], list(range(21, 30)), [31, 32], list(range(33, 49))
     else:  # F1: the start and the newest frame before the window
@@ -59,7 +63,7 @@ def equality_rank(rank: int, world: int, port: int, results) -> None:
         blocks = parallel.ParallelBlocks(collective)
         out = {}
         with torch.inference_mode():
-            for case in ("f1", "original", "padded", "batch2"):
+            for case in ("f1", "original", "padded", "batch2", "text-split"):
                 kw = inputs(case, torch.Generator().manual_seed(1))
                 model.parallel = None
                 alone = model(**kw).sample

@@ -260,21 +260,27 @@ def load_transformer_for(model: str, device: torch.device, *, models_dir: str | 
                          attention: str = "auto") -> torch.nn.Module:  # fmt: skip
     """Only the transformer of `model`, on `device`, in the dtype and form `load_components` gives it
     (fp8, compile): what a follower rank of a multi-GPU run holds (framepack.parallel)."""
-    from framepack.models.quant import quantize_fp8_
-
     options = options or RuntimeOptions()
     spec = get_spec(model)
     paths = resolve_spec(spec, models_root=models_dir, download=download)
     t_dtype, _ = default_dtypes(spec, device)
+    return _transformer(paths, t_dtype, device, device, attention, options).eval().requires_grad_(False)
+
+
+def _transformer(paths: dict, dtype: torch.dtype, host: torch.device, device: torch.device, attention: str,
+                 options: RuntimeOptions) -> torch.nn.Module:  # fmt: skip
+    """The transformer loaded onto `host`, its blocks stored in fp8 and / or compiled as `options` say."""
+    from framepack.models.quant import quantize_fp8_
+
     quiet_transformers()
-    transformer = load_transformer(paths["transformer"], dtype=t_dtype, device=device, attention=attention)
+    transformer = load_transformer(paths["transformer"], dtype=dtype, device=host, attention=attention)
     if options.fp8:
-        quantize_fp8_(transformer, compute_dtype=t_dtype, mode=options.fp8, device=device)
+        quantize_fp8_(transformer, compute_dtype=dtype, mode=options.fp8, device=device)
     if options.compile:
         from framepack.models.compile import compile_blocks
 
         compile_blocks(transformer)
-    return transformer.eval().requires_grad_(False)
+    return transformer
 
 
 def load_components(
@@ -288,7 +294,6 @@ def load_components(
     prompt_cache_dir: str | os.PathLike | None = None,
     options: RuntimeOptions | None = None,
 ) -> Components:
-    from framepack.models.quant import quantize_fp8_
     from framepack.weights import CheckpointTensors
 
     options = options or RuntimeOptions()
@@ -300,14 +305,7 @@ def load_components(
     host = torch.device("cpu") if managed else device
     if options.fp8 and device.type == "mps":
         raise ValueError("fp8 weights are not supported on MPS; run without --fp8")
-    quiet_transformers()
-    transformer = load_transformer(paths["transformer"], dtype=t_dtype, device=host, attention=attention)
-    if options.fp8:
-        quantize_fp8_(transformer, compute_dtype=t_dtype, mode=options.fp8, device=device)
-    if options.compile:
-        from framepack.models.compile import compile_blocks
-
-        compile_blocks(transformer)
+    transformer = _transformer(paths, t_dtype, host, device, attention, options)
     return Components(
         spec=spec,
         paths=paths,

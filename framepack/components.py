@@ -170,7 +170,10 @@ class Components:
             self._merger = LoraMerger(self.transformer, self.originals or KeptWeights(self.transformer))
         if not loaded and not self._merger.active:
             return None
-        return self._merger.apply(loaded)
+        report = self._merger.apply(loaded)
+        if self.transformer.parallel is not None:  # the other ranks' transformers merge the same set
+            self.transformer.parallel.send_loras(loaded)
+        return report
 
     # ---------------------------------------------------------------------------- memory
     def plan_job(self, *, height: int, width: int, window: int, with_text: bool,

@@ -27,6 +27,8 @@ the batch with Ulysses inside it (4 GPUs = 2 CFG x 2 Ulysses). The result equals
 passes up to floating-point reassociation.
 
 Noise is drawn on rank 0 only (the sampler runs there), so the result does not depend on the degree.
+A job's LoRAs are merged on every rank: rank 0 sends the files (by path), weights and module filters
+(`send_loras`), and each follower merges them into its transformer as rank 0 did.
 """
 
 from __future__ import annotations
@@ -258,16 +260,34 @@ class ParallelBlocks:
         return _guard(lambda: sharded_blocks(model, x_img, cond, temb, sec.rope, sec.n_ctx, lengths, c, cfg),
                       "running the blocks", self.describe)  # fmt: skip
 
+    def send_loras(self, loaded: list) -> None:
+        """Rank 0 merged `loaded` (framepack.lora.LoadedLora) into its transformer: every follower merges
+        the same files, weights and module filters into its own, and says whether it could (a rank that
+        could not stops the job here, before any step)."""
+        c = self.collective
+        if c.world == 1:
+            return
+        items = [{"path": str(x.path), "sha256": x.sha256, "weight": x.weight, "include": x.include,
+                  "exclude": x.exclude} for x in loaded]  # fmt: skip
+        _guard(lambda: dist.broadcast_object_list([{"op": "loras", "loras": items}], src=0), "sending the LoRAs",
+               self.describe)  # fmt: skip
+        failed = torch.zeros(1, device=c.device)
+        _guard(lambda: dist.all_reduce(failed, op=dist.ReduceOp.MAX), "merging the LoRAs", self.describe)
+        if failed.item() > 0:
+            raise ParallelError("another rank could not merge the job's LoRAs (its error is printed above); the "
+                                "LoRA files must be at the same paths on every machine")  # fmt: skip
+
     def stop(self) -> None:
         if self.collective.world > 1:
             with contextlib.suppress(Exception):
                 dist.broadcast_object_list([{"op": "stop"}], src=0)
 
 
-def follow(model: Any, collective: Collective) -> int:
+def follow(model: Any, collective: Collective, originals: Any = None) -> int:
     """A follower rank's loop: run every blocks call rank 0 broadcasts until it says stop; returns the
-    number of calls run."""
-    calls, rope = 0, None
+    number of calls run. `originals`: the transformer's weights as loaded (`weights.CheckpointTensors`;
+    None: copies kept in memory), which LoRA switching restores from."""
+    calls, rope, merger = 0, None, None
     dev = collective.device
     with torch.inference_mode():
         while True:
@@ -276,6 +296,9 @@ def follow(model: Any, collective: Collective) -> int:
             header = box[0]
             if header["op"] == "stop":
                 return calls
+            if header["op"] == "loras":
+                merger = _merge_loras(model, header["loras"], merger, originals, collective)
+                continue
             dt = header["dtype"]
             x, cond, temb = (torch.empty(header[k], dtype=dt, device=dev) for k in ("x", "cond", "temb"))
             for t in (x, cond, temb):
@@ -286,6 +309,27 @@ def follow(model: Any, collective: Collective) -> int:
                     dist.broadcast(t, src=0)
             sharded_blocks(model, x, cond, temb, rope, header["n_ctx"], header["lengths"], collective, header["cfg"])
             calls += 1
+
+
+def _merge_loras(model: Any, items: list[dict], merger: Any, originals: Any, collective: Collective) -> Any:
+    """A follower's side of `ParallelBlocks.send_loras`: the same LoRA set merged here; returns the merger."""
+    from framepack.lora import KeptWeights, LoraLibrary, LoraMerger, LoraRef
+    from framepack.models.lora import TargetTable
+
+    failed = torch.zeros(1, device=collective.device)
+    try:
+        library, table, loaded = LoraLibrary(None), TargetTable.of(model), []
+        for x in items:
+            loaded += library.load((LoraRef(x["path"], x["weight"], x["sha256"]),), table, x["include"], x["exclude"])
+        if merger is None and loaded:
+            merger = LoraMerger(model, originals if originals is not None else KeptWeights(model))
+        if merger is not None:
+            merger.apply(loaded)
+    except Exception as err:  # rank 0 stops the job with a clear error; this rank goes on following
+        print(f"framepack rank {collective.rank}: could not merge the LoRAs: {err}", file=sys.stderr, flush=True)
+        failed += 1
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    return merger
 
 
 def _guard(fn: Any, what: str, describe: Any = None) -> Any:
@@ -358,17 +402,21 @@ def follower_main(rank: int, world: int, port: int, spec: FollowerSpec, address:
                   local_rank: int | None = None) -> None:  # fmt: skip
     """A follower process: load the transformer, join, follow until rank 0 stops (torchrun or --gpus)."""
     from framepack.components import load_transformer_for
+    from framepack.registry import get_spec, resolve_spec
+    from framepack.weights import CheckpointTensors
 
     device = rank_device(spec.device, rank if local_rank is None else local_rank)
     try:
         model = load_transformer_for(spec.model, device, models_dir=spec.models_dir, download=spec.download,
                                      options=spec.options, attention=spec.attention)  # fmt: skip
+        paths = resolve_spec(get_spec(spec.model), models_root=spec.models_dir, download=False)
+        originals = CheckpointTensors(paths["transformer"], model.dtype)  # what LoRA switching restores from
     except BaseException as err:
         print(f"framepack rank {rank}: could not load {spec.model!r}: {err}", file=sys.stderr, flush=True)
         raise
     collective = init(rank, world, device, address, port)
     try:
-        follow(model, collective)
+        follow(model, collective, originals)
     except RuntimeError as err:  # rank 0 went away: say so and stop
         print(f"framepack rank {rank}: rank 0 stopped ({str(err).splitlines()[0]}); stopping", file=sys.stderr)
         raise SystemExit(1) from None

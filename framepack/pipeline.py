@@ -250,11 +250,6 @@ class JobRun:
         self.encode_seed = saved.encode_seed if saved and saved.encode_seed is not None else request.seed
         self.branch = saved.branch if saved else None
         self.keep, self.store = keep, None
-        parallel = self.c.transformer.parallel
-        if request.loras and parallel is not None and parallel.world > 1:
-            raise RequestError("LoRAs on several GPUs are not supported yet: the other ranks would run the "
-                               "transformer without them (run the job on one GPU, or merge the LoRA "
-                               "first)")  # fmt: skip
         self.loras = self.c.prepare_loras(request)  # found, read and checked: before any output exists
         self.out = (OutputPaths(saved.video, saved.video.with_suffix(".json"), saved.replaces) if saved
                     else self._output_paths())  # fmt: skip

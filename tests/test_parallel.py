@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from apphelpers import home, wait_until, write_png
+from apphelpers import home, wait_until, write_png, write_tiny_lora
 from parallelhelpers import TINY4, equality_rank
 from safetensors.torch import load_file
 
@@ -122,6 +122,20 @@ def test_a_video_on_two_ranks_equals_the_single_process_video(tmp_path, app_home
     assert "cfg_parallel" not in json.dumps(json.loads((one / "v.json").read_text())["speed"])
 
 
+def test_a_lora_is_merged_on_every_rank(tmp_path, app_home, reference):
+    """--lora with --gpus 2: the follower merges the same file and weight, so the latents equal the
+    single process's with that LoRA (and differ from those without it)."""
+    lora = write_tiny_lora(Path(app_home) / "ranks-lora" / "style.safetensors")
+    flags = ("--model", "tiny", "--lora", f"{lora}:0.8")
+    one = reference(*flags)
+    two = generate(tmp_path / "two", *flags, "--gpus", "2", home=app_home)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = section_latents(one / "v.mp4"), section_latents(tmp_path / "two" / "v.mp4")
+    assert len(a) == len(b) == 2 and max((x - y).abs().max().item() for x, y in zip(a, b)) < 1e-5
+    plain = section_latents(reference("--model", "tiny") / "v.mp4")
+    assert (plain[0] - b[0]).abs().max().item() > 1e-3  # the LoRA did change the result
+
+
 def test_a_rank_dying_mid_job_stops_rank_0_with_a_clear_error_and_keeps_the_finished_sections(tmp_path, app_home):
     psutil = pytest.importorskip("psutil")
     out = tmp_path / "run"
@@ -149,7 +163,6 @@ def test_a_rank_dying_mid_job_stops_rank_0_with_a_clear_error_and_keeps_the_fini
     (("--gpus", "3"), "error: --gpus 3 does not divide the model's 2 attention heads"),
     (("--gpus", "2", "--device", "cuda"), "error: --gpus 2 but this machine has 0 CUDA devices"),
     (("--gpus", "0"), "error: --gpus must be at least 1, got 0"),
-    (("--gpus", "2", "--lora", "style.safetensors"), "error: LoRAs with --gpus are not supported yet"),
 ])  # fmt: skip
 def test_impossible_gpu_counts_are_one_line_errors(tmp_path, app_home, flags, message, capsys, monkeypatch):
     from framepack.app import cli
@@ -198,7 +211,7 @@ def test_torchrun_launches_the_same_run(tmp_path, app_home, reference):
 
 def test_the_queue_runs_each_job_on_a_group_of_ranks(tmp_path, app_home, reference, monkeypatch):
     """`serve --gpus 2`: the queue's loader starts the follower rank with each model; a job's latents
-    equal the single process's, a model switch stops the old group, a LoRA job is refused clearly."""
+    equal the single process's, a model switch stops the old group, a LoRA job runs on the group."""
     from apphelpers import png_bytes, write_tiny_lora
 
     from framepack.app.cli_parallel import RankGroupLoader
@@ -219,7 +232,8 @@ def test_the_queue_runs_each_job_on_a_group_of_ranks(tmp_path, app_home, referen
         assert other.state == "done", other.error
         assert all(not p.is_alive() for p in launch.procs)  # the tiny model's group was stopped for tiny-f1's
         write_tiny_lora(tmp_path / "loras" / "s.safetensors")
-        with_lora = {**params, "loras": [{"path": "s.safetensors"}]}
-        refused = q.wait(q.submit(png_bytes(), with_lora, model="tiny-f1").id, 60)
-        assert refused.state == "failed" and "LoRAs on several GPUs are not supported yet" in refused.error
+        with_lora = q.wait(q.submit(png_bytes(), {**params, "seconds": 1.2, "loras": [{"path": "s.safetensors"}]},
+                                    model="tiny-f1").id, 120)  # fmt: skip
+        assert with_lora.state == "done", with_lora.error  # merged on both ranks (the CLI test compares the latents)
+        assert json.loads((q.jobs_dir / with_lora.metadata).read_text())["loras"][0]["file"] == "s.safetensors"
     assert not loader._launches  # the queue's close released the last group

@@ -252,7 +252,7 @@ def _generate(args: argparse.Namespace) -> int:
     if world > 1 and run_follower_if_torchrun(args, model, runtime_options(args)):
         return 0  # a torchrun rank above 0: it followed rank 0 to the end (rank 0 checks and writes the video)
     if world > 1:
-        check_ranks(args, world, request)  # before anything loads: the devices are there, no LoRAs
+        check_ranks(args, world)  # before anything loads: the devices are there
     plan = check_request(request, get_spec(model))  # fail fast on bad inputs or output, before loading weights
     if request.loras:  # every file there and a safetensors file, before the weights load
         from framepack.lora import LoraLibrary

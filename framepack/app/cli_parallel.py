@@ -68,13 +68,10 @@ def run_follower_if_torchrun(args: argparse.Namespace, model: str, options: Any)
     return True
 
 
-def check_ranks(args: argparse.Namespace, world: int, request: Any) -> None:
-    """What can be told before any weight loads: the devices are there (torchrun brings its own), no LoRAs."""
+def check_ranks(args: argparse.Namespace, world: int) -> None:
+    """What can be told before any weight loads: the devices are there (torchrun brings its own)."""
     from framepack import parallel
 
-    if request.loras:
-        raise parallel.ParallelError("LoRAs with --gpus are not supported yet: the other ranks would run the "
-                                     "transformer without them (run on one GPU, or merge the LoRA first)")  # fmt: skip
     if parallel.torchrun_env() is None:
         parallel.check_devices(world, device_kind(args))
 

@@ -239,3 +239,34 @@ def test_serve_ray_flags_open_a_queue_on_ray_workers(ray_cluster, tmp_path, caps
     args = parser.parse_args(["serve", "--model", "tiny", "--outputs", str(tmp_path / "p"), "--workers", "2"])
     assert cli._start_server(args, "127.0.0.1") == 2
     assert "error: --workers sets the Ray worker count: use it with --ray" in capsys.readouterr().err
+
+
+def test_a_ray_worker_with_two_gpus_runs_its_jobs_on_both(ray_cluster, tmp_path):
+    """`serve --ray --gpus 2`: one worker actor owns both (logical) GPUs and runs each job on a group of
+    2 ranks (its follower spawned inside the actor); the latents equal the in-process runner's."""
+    from safetensors.torch import load_file
+
+    from framepack.app.cli_parallel import RankGroupLoader
+
+    params = {**FAST, "seconds": 2.4, "seed": 3}
+    with JobQueue(tmp_path / "reference", loader=LOADER, models=MODELS) as q:
+        ref = q.wait(q.submit(png_bytes(), params).id, 120)
+        ref_dir = q.jobs_dir / ref.id / ".video.sections"
+    group = RankGroupLoader(LOADER, 2, "cpu")
+    settings = RaySettings(gpus_per_worker=2, threads=torch.get_num_threads())
+    queue = JobQueue(tmp_path / "outputs", loader=group, models=MODELS, runner=RayRunner.factory(group, settings))
+    try:
+        assert queue.runner.slots == 1 and queue.runner.pool.wait_ready(1, 90)
+        job = queue.wait(queue.submit(png_bytes(), params).id, 180)
+        assert job.state == "done", job.error
+        (worker,) = queue.workers()
+        assert len(worker["gpus"]) == 2
+        sidecar = json.loads((queue.jobs_dir / job.metadata).read_text())
+        assert sidecar["speed"]["parallel"]["ranks"] == 2
+        mine = sorted((queue.jobs_dir / job.id / ".video.sections").glob("section-*.safetensors"))
+        theirs = sorted(ref_dir.glob("section-*.safetensors"))
+        assert len(mine) == len(theirs) == 2
+        for a, b in zip(mine, theirs):
+            assert (load_file(str(a))["generated"] - load_file(str(b))["generated"]).abs().max().item() < 1e-5
+    finally:
+        queue.close()

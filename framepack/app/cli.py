@@ -488,8 +488,9 @@ def _add_app_args(p: argparse.ArgumentParser, *, port: int) -> None:
     p.add_argument("--lora-dir", help="folder of LoRA files offered by the UI's picker and searched for bare "
                    "names and recorded hashes (default <FRAMEPACK_HOME>/loras)")  # fmt: skip
     add_checkpoint_args(p)
-    p.add_argument("--gpus", type=int, metavar="N", help="run every job on N GPUs of this machine at once "
-                   "(sequence parallel, as `generate --gpus N`; --device cpu: N CPU ranks)")  # fmt: skip
+    p.add_argument("--gpus", type=int, metavar="N", help="run every job on N GPUs at once (sequence parallel, "
+                   "as `generate --gpus N`; --device cpu: N CPU ranks); with --ray, each worker owns N "
+                   "GPUs")  # fmt: skip
     ray = p.add_argument_group("scale out on Ray (pip install -e \".[cluster]\")")
     ray.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
                      help="run jobs on Ray GPU worker actors, one per GPU: alone, a local Ray instance on this "
@@ -524,13 +525,16 @@ def _open_queue(args: argparse.Namespace):
 
     if args.gpus is not None and args.gpus < 1:
         raise JobError(f"--gpus must be at least 1, got {args.gpus}")
-    if args.gpus is not None and args.gpus > 1:  # every job on a group of GPUs (framepack.parallel)
+    group = args.gpus if args.gpus is not None and args.gpus > 1 else 1
+    if group > 1:  # every job on a group of GPUs (framepack.parallel); with --ray: each worker owns a group
         from framepack.app.cli_parallel import RankGroupLoader, device_kind
 
-        if args.ray is not None:
-            raise JobError("--gpus with --ray is not supported yet: a Ray worker holds one GPU (use one or the "
-                           "other)")  # fmt: skip
-        loader = RankGroupLoader(loader, args.gpus, device_kind(args))
+        kind = device_kind(args)
+        if args.ray is None:
+            from framepack.parallel import check_devices
+
+            check_devices(group, kind)
+        loader = RankGroupLoader(loader, group, kind)
     runner = None
     if args.ray is not None or args.workers is not None:
         from framepack.jobs.ray_runner import RayRunner, RaySettings
@@ -538,7 +542,7 @@ def _open_queue(args: argparse.Namespace):
         if args.ray is None:
             raise JobError("--workers sets the Ray worker count: use it with --ray")
         settings = RaySettings(address=None if args.ray == "local" else args.ray, workers=args.workers,
-                               files=args.ray_files, gpus_per_worker=0 if args.device == "cpu" else 1)  # fmt: skip
+                               files=args.ray_files, gpus_per_worker=0 if args.device == "cpu" else group)  # fmt: skip
         runner = RayRunner.factory(loader, settings)
     queue = JobQueue(args.outputs, loader=loader, models=_app_models(args.model), default_model=args.model,
                      lora_dir=args.lora_dir, checkpoints=args.checkpoints, runner=runner,
@@ -606,12 +610,13 @@ def _start_server(args: argparse.Namespace, host: str, *, public: bool = False):
         print(f"error: {missing}", file=sys.stderr)
         return 2
     from framepack.jobs import JobError
+    from framepack.parallel import ParallelError
 
     if (code := _check_exposure(host, args, public=public)) is not None:
         return code
     try:
         return _open_queue(args)
-    except JobError as err:
+    except (JobError, ParallelError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

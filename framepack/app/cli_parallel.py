@@ -130,20 +130,21 @@ class RankGroupLoader:
     """The job queue's loader for `serve --gpus N` / `ui --gpus N`: each pipeline it loads comes with
     N - 1 follower ranks (spawned here) holding the same model's transformer, so every job runs on the
     group. `release(pipe)` stops a pipeline's ranks (the runner calls it when it swaps models and when
-    the queue closes)."""
+    the queue closes). Plain data until its first call, so a Ray worker can hold one (`serve --ray
+    --gpus N`: each worker owns N GPUs and runs its jobs on them)."""
 
     def __init__(self, loader: Any, world: int, device: str) -> None:
         from framepack import parallel
 
         if world < 2:
             raise parallel.ParallelError(f"a group of GPUs needs at least 2, got {world}")
-        parallel.check_devices(world, device)
         self.loader, self.world, self.device = loader, world, device
         self._launches: dict[int, Any] = {}
 
     def __call__(self, model: str) -> Any:
         from framepack import parallel
 
+        parallel.check_devices(self.world, self.device)  # where the group runs (a Ray worker: its own GPUs)
         pipe = self.loader(model)
         parallel.check_degree(self.world, pipe.c.transformer.config.num_attention_heads)
         spec = parallel.FollowerSpec(model, self.device, self.loader.models_dir, self.loader.download,

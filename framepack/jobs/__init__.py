@@ -6,8 +6,11 @@ job's files. Every front end (CLI `serve`/`ui`, the HTTP API, the Gradio UI) goe
     eventlog.py    `EventLog`: events with sequence numbers, buffered history, live progress, waiting
     runner.py      the `Runner` protocol and `InProcessRunner`, the default: run a job, report its events,
                    honour cancel and pause, save its resume state
-    dispatcher.py  `Dispatcher`: the worker thread that claims queued jobs atomically for a runner
+    dispatcher.py  `Dispatcher`: worker threads (one per runner slot) claiming queued jobs atomically
     queue.py       `JobQueue`: the operations, over those parts
+    ray_runner.py  the Ray backend's head side: `RayRunner` (a Runner), its worker pool, faults
+    ray_worker.py  the Ray worker actor: one loaded pipeline per GPU, events streamed back
+    shipping.py    job folders sent to workers without the shared outputs folder, and their changes back
 
 Storage, all inside one outputs folder:
 
@@ -20,6 +23,7 @@ Storage, all inside one outputs folder:
     OUTPUTS/jobs/<id>/state/    resume state, saved by the engine after every finished section
     OUTPUTS/jobs/<id>/.video.sections/  section checkpoints (framepack.checkpoints): what a branch starts from
     OUTPUTS/jobs/<id>/job.json  a copy of the job's record, rewritten on every state change
+    OUTPUTS/jobs/<id>/.worker-lease  (Ray, shared folder) which run of the job may write the folder
 
 States: queued -> running -> done | failed | cancelled | interrupted | paused.
 """

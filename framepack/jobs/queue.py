@@ -6,9 +6,10 @@ delete, events, files). It composes the job layer's parts:
     eventlog.py    `EventLog`: events with sequence numbers, buffered history, live progress, waiting
     runner.py      the `Runner` protocol ("run this job, report events, honour cancel, save resume
                    state") and `InProcessRunner`, the default
-    dispatcher.py  `Dispatcher`: the worker thread claiming queued jobs atomically for a runner
+    dispatcher.py  `Dispatcher`: worker threads (one per runner slot) claiming queued jobs atomically
+    ray_runner.py  the Ray backend (`RayRunner`; its actors: ray_worker.py; file shipping: shipping.py)
 
-Contract: one worker runs one job at a time, in queue order (`move` reorders queued jobs); a job that
+Contract: each worker runs one job at a time, in queue order (`move` reorders queued jobs); a job that
 was `running` when its process died is found `interrupted` at the next start and `resume` continues it
 from its last finished section (same seed -> same video as an uninterrupted run). Cancelled, failed
 and paused jobs keep their partial MP4 and can be resumed too. A frame edit is one image and simply

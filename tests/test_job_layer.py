@@ -42,6 +42,9 @@ def test_a_runner_plugs_in_behind_the_protocol(tmp_path):
         kinds = [e["type"] if e["type"] != "state" else e["state"] for e in q.events(job.id)]
         assert kinds == ["queued", "running", "stage", "step", "done"]
         assert job.progress["step"] == 1 and job.progress["steps"] == 4  # the live progress was stored
+        from framepack.app.ui import workers_line
+
+        assert workers_line(q) == "**Workers (1)**: this server: free"
     runner = ScriptedRunner(RunOutcome("failed", "it broke", files=False))
     with JobQueue(tmp_path, loader=tiny_loader, models=["tiny"], runner=runner) as q:
         job = q.wait(q.submit(png_bytes(), FAST).id, 30)

@@ -86,6 +86,10 @@ def test_two_workers_run_six_api_jobs_each_once_with_the_in_process_videos(ray_c
             workers = client.get("/api/info").json()["workers"]
             assert sorted(w["name"] for w in workers) == ["worker-0", "worker-1"]
             assert all(w["job"] is None and w["model"] in MODELS and len(w["gpus"]) == 1 for w in workers), workers
+        from framepack.app.ui import workers_line
+
+        line = workers_line(queue)  # the UI's queue tab
+        assert line.startswith("**Workers (2)**: worker-") and line.count("(GPU ") == 2 and ": free, tiny" in line
         ran = [events(queue, i, "worker_assigned") for i in ids]
         assert all(len(r) == 1 for r in ran)  # each exactly once: one run, one worker
         assert all(len([e for e in queue.events(i) if e.get("state") == "running"]) == 1 for i in ids)

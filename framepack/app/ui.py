@@ -742,6 +742,7 @@ def build(queue: JobQueue, *, title: str = "FramePack") -> gr.Blocks:
             with gr.Tab("Queue"):
                 queue_table = gr.Dataframe(headers=QUEUE_HEADERS, value=[], interactive=False,
                                            elem_id="fp-queue-table")  # fmt: skip
+                workers_md = gr.Markdown("", elem_id="fp-workers")
                 with gr.Row():
                     queue_pick = gr.Dropdown([], label="Queued or running job", elem_id="fp-queue-pick", scale=3)
                     cancel_btn = gr.Button("Cancel job", variant="stop", elem_id="fp-queue-cancel")
@@ -858,7 +859,7 @@ def build(queue: JobQueue, *, title: str = "FramePack") -> gr.Blocks:
             return _panels(queue, state, q_value, h_value)
 
         slow.tick(on_slow, inputs=[panel, queue_pick, hist_pick], outputs=[queue_table, queue_pick, history_table,
-                  hist_pick, panel], show_progress="hidden", concurrency_limit=None)  # fmt: skip
+                  hist_pick, workers_md, panel], show_progress="hidden", concurrency_limit=None)  # fmt: skip
 
         def queue_action(action: Callable[[str], Any], verb: str) -> Callable:
             def run(job_id):
@@ -1219,13 +1220,13 @@ def _section_items(queue: JobQueue, job_id: str, rows: list[dict], selected: int
 
 
 def _panels(queue: JobQueue, state: dict, q_value: str | None, h_value: str | None) -> list:
-    """One slow tick: the queue and history tables and their pickers, only where changed."""
+    """One slow tick: the queue and history tables and their pickers, the workers line, only where changed."""
     skip = gr.skip()
     jobs = queue.list()
     pending = [j for j in jobs if not j.terminal]
     past = [j for j in jobs if j.terminal][:100]
-    q_rows, h_rows = queue_rows(pending), history_rows(past)
-    out: list[Any] = [skip] * 4
+    q_rows, h_rows, w_line = queue_rows(pending), history_rows(past), workers_line(queue)
+    out: list[Any] = [skip] * 5
     if q_rows != state.get("q"):
         ids = [j.id for j in pending]
         out[0] = q_rows
@@ -1234,7 +1235,28 @@ def _panels(queue: JobQueue, state: dict, q_value: str | None, h_value: str | No
         ids = [j.id for j in past]
         out[2] = h_rows
         out[3] = gr.update(choices=ids, value=h_value if h_value in ids else None)
-    return [*out, {"q": q_rows, "h": h_rows}]
+    if w_line != state.get("w"):
+        out[4] = w_line
+    return [*out, {"q": q_rows, "h": h_rows, "w": w_line}]
+
+
+def workers_line(queue: JobQueue) -> str:
+    """What runs the jobs, in one line: each worker (the server itself, or each Ray worker with its host
+    and GPUs), the job it runs or "free", and the model it has loaded."""
+    parts = []
+    for w in queue.workers():
+        where = "this server" if w["name"] == "in-process" else w["name"]
+        if w.get("host"):
+            where += f" on {w['host']}"
+        if w.get("gpus"):
+            where += f" (GPU {', '.join(w['gpus'])})"
+        what = f"running `{w['job']}`" if w.get("job") else "free"
+        if w.get("model"):
+            what += f", {w['model']} loaded"
+        parts.append(f"{where}: {what}")
+    if not parts:
+        return "**Workers**: none has started yet"
+    return f"**Workers ({len(parts)})**: " + " · ".join(parts)
 
 
 def _files(queue: JobQueue, job: Job) -> list[Path]:

@@ -21,6 +21,23 @@ def home(tmp_path_factory):
     mp.undo()
 
 
+@pytest.fixture
+def app_env(tmp_path_factory, monkeypatch):
+    """FRAMEPACK_HOME of the app tests: one for all of them (apphelpers.home), so the tiny models are made
+    once and prompts stay cached (modules use it with `pytestmark = pytest.mark.usefixtures("app_env")`)."""
+    from apphelpers import home as app_home
+
+    monkeypatch.setenv("FRAMEPACK_HOME", app_home(tmp_path_factory))
+
+
+@pytest.fixture
+def queue(app_env, tmp_path):
+    """A JobQueue on the tiny models in tmp_path/outputs (apphelpers.tiny_queue; modules may define their own)."""
+    from apphelpers import tiny_queue
+
+    yield from tiny_queue(tmp_path / "outputs")
+
+
 @pytest.fixture(scope="module")
 def pipe(home):
     """The tiny model on the CPU, loaded once per test module (in its own FRAMEPACK_HOME)."""

@@ -10,21 +10,13 @@ import time
 
 import httpx
 import pytest
-from apphelpers import FAST, ThreadServer, home, png_bytes, sse_events, tiny_queue, wait_until
+from apphelpers import FAST, ThreadServer, png_bytes, sse_events, wait_until
 from fastapi.testclient import TestClient
 
 from framepack.app.api import create_app
 from framepack.video import probe
 
-
-@pytest.fixture(autouse=True)
-def _home(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("FRAMEPACK_HOME", home(tmp_path_factory))
-
-
-@pytest.fixture
-def queue(tmp_path):
-    yield from tiny_queue(tmp_path / "outputs")
+pytestmark = pytest.mark.usefixtures("app_env")  # FRAMEPACK_HOME: the app tests' shared one (conftest)
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 import pytest
-from apphelpers import FAST, home, png_bytes, tiny_queue, wait_until
+from apphelpers import FAST, png_bytes, wait_until
 from conftest import assert_same_file
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -19,15 +19,7 @@ from framepack.config import RequestError
 from framepack.jobs import JobConflict
 from framepack.video import probe, read_frames
 
-
-@pytest.fixture(autouse=True)
-def _home(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("FRAMEPACK_HOME", home(tmp_path_factory))
-
-
-@pytest.fixture
-def queue(tmp_path):
-    yield from tiny_queue(tmp_path / "outputs")
+pytestmark = pytest.mark.usefixtures("app_env")  # FRAMEPACK_HOME: the app tests' shared one (conftest)
 
 
 def _video(queue, job):

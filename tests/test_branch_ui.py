@@ -9,18 +9,13 @@ from __future__ import annotations
 
 import gradio as gr
 import pytest
-from apphelpers import home, png_bytes, tiny_loader
+from apphelpers import png_bytes, tiny_loader
 
 from framepack.app import ui
 from framepack.jobs import Job, JobQueue
 
 # gradio's own pandas calls warn under pandas 3; not ours to fix.
-pytestmark = pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")
-
-
-@pytest.fixture(autouse=True)
-def _home(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("FRAMEPACK_HOME", home(tmp_path_factory))
+pytestmark = [pytest.mark.filterwarnings("ignore::Warning:gradio.queueing"), pytest.mark.usefixtures("app_env")]
 
 
 def _job(**fields) -> Job:

@@ -11,7 +11,7 @@ import sqlite3
 
 import numpy as np
 import pytest
-from apphelpers import FAST, cancel_after_first_section, home, png_bytes, tiny_loader
+from apphelpers import FAST, cancel_after_first_section, png_bytes, tiny_loader
 from fastapi.testclient import TestClient
 
 from framepack.app import ui
@@ -21,14 +21,9 @@ from framepack.jobs import JobQueue, build_request
 from framepack.models.caches import MagCache, TeaCache, make_step_cache
 
 # gradio's own pandas calls warn under pandas 3; not ours to fix.
-pytestmark = pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")
+pytestmark = [pytest.mark.filterwarnings("ignore::Warning:gradio.queueing"), pytest.mark.usefixtures("app_env")]
 
 CACHE_KEYS = ("cache", "cache_threshold", "magcache_k", "magcache_retention")  # absent from older records
-
-
-@pytest.fixture(autouse=True)
-def _home(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("FRAMEPACK_HOME", home(tmp_path_factory))
 
 
 def _values(**changes):

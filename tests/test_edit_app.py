@@ -13,7 +13,7 @@ import typing
 
 import numpy as np
 import pytest
-from apphelpers import home, png_bytes, sse_events, tiny_loader
+from apphelpers import png_bytes, sse_events, tiny_loader
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -25,14 +25,9 @@ from framepack.jobs import CONTROL_UPLOADS, SERVER_FIELDS, JobQueue, upload_fiel
 from framepack.oneframe import read_settings
 
 # gradio's own pandas calls warn under pandas 3; not ours to fix.
-pytestmark = pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")
+pytestmark = [pytest.mark.filterwarnings("ignore::Warning:gradio.queueing"), pytest.mark.usefixtures("app_env")]
 
 EDIT = {"kind": "edit", "prompt": "a red dress", "steps": 2}
-
-
-@pytest.fixture(autouse=True)
-def _home(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("FRAMEPACK_HOME", home(tmp_path_factory))
 
 
 def _queue(path, worker: bool = True) -> JobQueue:

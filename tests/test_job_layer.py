@@ -15,10 +15,7 @@ from framepack.jobs import DB_NAME, JobQueue, RunOutcome, shipping
 from framepack.jobs.eventlog import EventLog
 from framepack.jobs.store import JobStore
 
-
-@pytest.fixture(autouse=True)
-def _home(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("FRAMEPACK_HOME", home(tmp_path_factory))
+pytestmark = pytest.mark.usefixtures("app_env")  # FRAMEPACK_HOME: the app tests' shared one (conftest)
 
 
 class ScriptedRunner:

@@ -9,17 +9,14 @@ import sqlite3
 import typing
 
 import pytest
-from apphelpers import FAST, cancel_after_first_section, home, png_bytes, tiny_loader
+from apphelpers import FAST, cancel_after_first_section, png_bytes, tiny_loader
 
 from framepack.config import GenerationRequest, RequestError
 from framepack.images import ImageError
 from framepack.jobs import SERVER_FIELDS, FileAccessError, JobConflict, JobError, JobNotFound, JobQueue
 from framepack.video import probe
 
-
-@pytest.fixture(autouse=True)
-def _home(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("FRAMEPACK_HOME", home(tmp_path_factory))
+pytestmark = pytest.mark.usefixtures("app_env")  # FRAMEPACK_HOME: the app tests' shared one (conftest)
 
 
 def _queue(path, worker: bool = True) -> JobQueue:

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from apphelpers import FAST, cancel_after_first_section, home, png_bytes, sse_events, tiny_loader
+from apphelpers import FAST, cancel_after_first_section, png_bytes, sse_events, tiny_loader
 from fastapi.testclient import TestClient
 from safetensors.torch import save_file
 
@@ -21,14 +21,9 @@ from framepack.config import LoraRef, RequestError
 from framepack.jobs import JobQueue
 
 # gradio's own pandas calls warn under pandas 3; not ours to fix.
-pytestmark = pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")
+pytestmark = [pytest.mark.filterwarnings("ignore::Warning:gradio.queueing"), pytest.mark.usefixtures("app_env")]
 
 TARGET = "transformer_blocks.0.attn.to_q"  # a (32, 32) Linear of the tiny transformer
-
-
-@pytest.fixture(autouse=True)
-def _home(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("FRAMEPACK_HOME", home(tmp_path_factory))
 
 
 def write_lora(path, seed: int = 0, rank: int = 4):

@@ -38,9 +38,7 @@ def ray_cluster(tmp_path_factory):
     mp.undo()
 
 
-@pytest.fixture(autouse=True)
-def _home(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("FRAMEPACK_HOME", home(tmp_path_factory))
+pytestmark = pytest.mark.usefixtures("app_env")  # FRAMEPACK_HOME: the app tests' shared one (conftest)
 
 
 def ray_queue(folder, **settings):

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from apphelpers import FAST, ThreadServer, home, png_bytes, tiny_loader, wait_until
+from apphelpers import FAST, ThreadServer, png_bytes, tiny_loader, wait_until
 from PIL import Image
 
 from framepack.app import ui
@@ -25,15 +25,10 @@ from framepack.app.api import create_app
 from framepack.jobs import JobQueue
 
 # gradio's own pandas calls warn under pandas 3; not ours to fix.
-pytestmark = pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")
+pytestmark = [pytest.mark.filterwarnings("ignore::Warning:gradio.queueing"), pytest.mark.usefixtures("app_env")]
 
 CHROMIUM = os.environ.get("FRAMEPACK_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = Path(os.environ.get("FRAMEPACK_TEST_ARTIFACTS", Path(__file__).parents[1] / "outputs" / "test-artifacts"))
-
-
-@pytest.fixture(autouse=True)
-def _home(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("FRAMEPACK_HOME", home(tmp_path_factory))
 
 
 RETENTION = "MagCache retention: the first share of the steps always computes"

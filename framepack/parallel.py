@@ -38,7 +38,7 @@ import os
 import socket
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -79,7 +79,6 @@ class Collective:
     rank: int
     device: torch.device
     halves: list[Any] | None = None
-    sent: dict = field(default_factory=dict)  # rank 0: what the followers already have (RoPE by identity)
 
     @classmethod
     def create(cls, device: torch.device) -> Collective:
@@ -220,6 +219,7 @@ class ParallelBlocks:
         self._split = False
         self.calls = 0
         self.describe: Any = None  # () -> "rank R of N exited with code C" | None: named in errors
+        self._rope: torch.Tensor | None = None  # the RoPE table the followers have (held: its identity stays its own)
 
     @property
     def world(self) -> int:
@@ -243,8 +243,7 @@ class ParallelBlocks:
         lengths = sec.joint_padding.lengths if sec.joint_padding is not None else None
         self.calls += 1
         if c.world > 1:
-            rope_key = (id(sec.rope[0]), sec.rope[0].data_ptr(), tuple(sec.rope[0].shape))
-            send_rope = c.sent.get("rope") != rope_key
+            send_rope = self._rope is not sec.rope[0]  # once per section (its table is cached with it)
             header = {"op": "blocks", "cfg": cfg, "n_ctx": sec.n_ctx, "lengths": lengths, "dtype": x_img.dtype,
                       "x": tuple(x_img.shape), "cond": tuple(cond.shape), "temb": tuple(temb.shape),
                       "rope": tuple(sec.rope[0].shape) if send_rope else None,
@@ -253,8 +252,7 @@ class ParallelBlocks:
             tensors = [x_img.contiguous(), cond.contiguous(), temb.contiguous()]
             if send_rope:
                 tensors += [sec.rope[0].contiguous(), sec.rope[1].contiguous()]
-                c.sent["rope"] = rope_key
-                c.sent["rope_tensors"] = sec.rope
+                self._rope = sec.rope[0]
             for t in tensors:
                 _guard(lambda t=t: dist.broadcast(t, src=0), "sending a blocks call", self.describe)
         return _guard(lambda: sharded_blocks(model, x_img, cond, temb, sec.rope, sec.n_ctx, lengths, c, cfg),
@@ -447,6 +445,7 @@ class Launch:
             self._end()
             raise
         self.blocks = ParallelBlocks(self.collective)
+        self.blocks.describe = self.rank_status  # errors name the follower that ended
 
     def rank_status(self) -> str | None:
         """'rank R of N exited with code C' for the first follower that has ended, else None."""

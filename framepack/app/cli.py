@@ -268,7 +268,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     if world == 1:
         return run_video(args, needed, start)
-    with ranks_for(args, pipe, model, request, world):
+    with ranks_for(args, pipe, model, world):
         return run_video(args, needed, start)
 
 

@@ -8,7 +8,7 @@ import argparse
 import contextlib
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -39,14 +39,10 @@ def device_kind(args: argparse.Namespace) -> str:
     if name.startswith("cuda"):
         return "cuda"
     if name != "cpu":
-        raise _error(f"--gpus runs on CUDA devices or CPU ranks, not {name!r}")
+        from framepack.parallel import ParallelError
+
+        raise ParallelError(f"--gpus runs on CUDA devices or CPU ranks, not {name!r}")
     return "cpu"
-
-
-def _error(message: str):
-    from framepack.parallel import ParallelError
-
-    return ParallelError(message)
 
 
 def follower_spec(args: argparse.Namespace, model: str, options: Any) -> Any:
@@ -77,10 +73,10 @@ def check_ranks(args: argparse.Namespace, world: int) -> None:
 
 
 @contextlib.contextmanager
-def ranks_for(args: argparse.Namespace, pipe: Any, model: str, request: Any, world: int) -> Iterator[Callable]:
+def ranks_for(args: argparse.Namespace, pipe: Any, model: str, world: int) -> Iterator[None]:
     """Rank 0's side of a run on `world` ranks: the other ranks started (spawned here, or by torchrun)
-    and joined, `pipe`'s transformer hooked to them. Yields `why(err)`: what to say about an error (which
-    rank stopped). ParallelError for a degree that does not divide the model's heads."""
+    and joined, `pipe`'s transformer hooked to them. ParallelError for a degree that does not divide the
+    model's heads."""
     from framepack import parallel
 
     parallel.check_degree(world, pipe.c.transformer.config.num_attention_heads)
@@ -91,12 +87,10 @@ def ranks_for(args: argparse.Namespace, pipe: Any, model: str, request: Any, wor
         launch = parallel.Launch(world, follower_spec(args, model, pipe.c.options))
     else:
         launch = _TorchrunRankZero(world, parallel.rank_device(kind, env[2]))
-    blocks = launch.blocks
-    blocks.describe = launch.rank_status
-    pipe.c.transformer.parallel = blocks
+    pipe.c.transformer.parallel = launch.blocks
     try:
         with launch:
-            yield lambda err: launch.rank_status()
+            yield
     finally:
         pipe.c.transformer.parallel = None
 
@@ -110,10 +104,7 @@ class _TorchrunRankZero:
         self.world = world
         self.collective = parallel.init(0, world, device, os.environ.get("MASTER_ADDR", "127.0.0.1"),
                                         int(os.environ["MASTER_PORT"]))  # fmt: skip
-        self.blocks = parallel.ParallelBlocks(self.collective)
-
-    def rank_status(self) -> str | None:
-        return None  # torchrun watches its processes and reports which one failed
+        self.blocks = parallel.ParallelBlocks(self.collective)  # torchrun itself reports which rank failed
 
     def __enter__(self):
         return self
@@ -151,7 +142,6 @@ class RankGroupLoader:
                                      self.loader.options)  # fmt: skip
         print(f"starting {self.world - 1} more rank{'s' if self.world > 2 else ''} for {model!r} ...", file=sys.stderr)
         launch = parallel.Launch(self.world, spec)
-        launch.blocks.describe = launch.rank_status
         pipe.c.transformer.parallel = launch.blocks
         self._launches[id(pipe)] = launch
         return pipe

@@ -99,6 +99,7 @@ class Dispatcher:
         with self._lock:
             if self._stop.is_set():
                 return None
+            reserve = getattr(self.runner, "reserve", None)
 
             def ready(job_id: str) -> bool:
                 needed = self._needed(job_id)
@@ -109,7 +110,6 @@ class Dispatcher:
                 self.store.storage_problem = None
                 return reserve is None or reserve()  # a runner with a few workers: one is free (held for us)
 
-            reserve = getattr(self.runner, "reserve", None)
             job = self.store.claim(ready)
             if job is None:
                 if (unreserve := getattr(self.runner, "unreserve", None)) is not None:

@@ -33,7 +33,7 @@ import threading
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -68,15 +68,14 @@ class RaySettings:
     """How the head uses Ray. `address`: a running cluster ("auto", "HOST:6379", "ray://HOST:10001"), or
     None to start a local Ray instance on this machine; `workers`: actors to start (None: one per GPU of
     the cluster); `files`: "auto" (shared when the worker sees the outputs folder, else shipped),
-    "shared" or "ship"; `gpus_per_worker`: each actor's GPU share; `threads`: torch threads in each worker
-    (None: Ray's default); `init`: extra `ray.init` arguments for a local instance (tests: num_cpus, num_gpus)."""
+    "shared" or "ship"; `gpus_per_worker`: each actor's GPUs (0: CPU workers, one CPU each; N: a group of
+    N ranks per job, `serve --ray --gpus N`); `threads`: torch threads in each worker (None: Ray's default)."""
 
     address: str | None = None
     workers: int | None = None
     files: str = "auto"
     gpus_per_worker: float = 1.0
     threads: int | None = None
-    init: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.files not in FILES:
@@ -391,7 +390,7 @@ def _connect(ray: Any, settings: RaySettings) -> str:
         if settings.address:
             ray.init(address=settings.address, namespace="framepack", log_to_driver=True)
             return "connected"
-        ray.init(namespace="framepack", **settings.init)
+        ray.init(namespace="framepack")
         return "started"
     except ConnectionError as err:
         raise RayError(f"could not reach the Ray cluster at {settings.address!r}: {err} (is `ray start --head` "

@@ -319,13 +319,12 @@ def run_video(args: argparse.Namespace, needed: int, start) -> int:
 
 def load_for(args: argparse.Namespace, model: str):
     """The pipeline of `model` with the run flags (device, memory, fp8, LoRA folder, offline)."""
-    from framepack.pipeline import load_pipeline
+    from framepack.pipeline import PipelineLoader
 
     if args.offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
-    print(f"loading model {model!r} ...", file=sys.stderr)
-    return load_pipeline(model, device=args.device, models_dir=args.models_dir, download=not args.offline,
-                         options=runtime_options(args))  # fmt: skip
+    return PipelineLoader(device=args.device, models_dir=args.models_dir, download=not args.offline,
+                          options=runtime_options(args), announce=True)(model)  # fmt: skip
 
 
 def runtime_options(args: argparse.Namespace):

@@ -132,13 +132,12 @@ class JobQueue:
 
     def workers(self) -> list[dict]:
         """What runs the jobs: one entry per worker (name, where, model loaded, the job it runs)."""
-        running = set(self.dispatcher.running())
         listing = getattr(self.runner, "workers", None)
         if listing is not None:
             return listing()
-        model = getattr(self.runner, "model", None)
-        job = next(iter(running), None)
-        return [{"name": "in-process", "host": None, "gpus": [], "model": model, "job": job}]
+        job = next(iter(self.dispatcher.running()), None)
+        return [{"name": "in-process", "host": None, "gpus": [], "model": getattr(self.runner, "model", None),
+                 "job": job}]  # fmt: skip
 
     @property
     def storage_problem(self) -> str | None:

@@ -42,7 +42,9 @@ class RunContext:
 
 class Runner(Protocol):
     """Optional members: `slots` (jobs it runs at once; the dispatcher starts that many worker threads,
-    default 1) and `close()` (called when the queue closes, after the running jobs ended)."""
+    default 1), `reserve()` / `unreserve()` (hold a free worker for the calling thread before it claims a
+    job; False: none is free, the job stays queued) and `close()` (called when the queue closes, after the
+    running jobs ended)."""
 
     def run(self, job: Job, folder: Path, on_event: Callable[[object], None], token: CancelToken, *,
             interrupting: Callable[[], bool]) -> RunOutcome:  # fmt: skip
@@ -115,7 +117,6 @@ class InProcessRunner:
             _free_device_memory()
         self._pipeline = (model, self._loader(model))
         return self._pipeline[1]
-
 
     def close(self) -> None:
         """Let the loaded pipeline go (a loader with `release`, e.g. one whose pipelines have ranks on
